@@ -1,0 +1,3 @@
+from saliency_cli.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""The gradient oracle: the only place in saliency that calls autograd.
+
+Every method asks it for `d score_y / d x` of many inputs at once. It runs the model in eval mode with the
+parameters' `requires_grad` switched off (restored afterwards), pushes the inputs through in chunks of at most
+`batch_size`, and gets all input gradients of a chunk from one backward pass of the summed target scores. That
+is exact because, in eval mode, the samples of a batch do not interact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+SCORES = ("logit", "prob", "logprob")
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and `requires_grad=False` on every parameter for the duration; both restored after."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _is_oom(error: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+    return isinstance(error, oom) or "out of memory" in str(error).lower()
+
+
+class GradientOracle:
+    """Batched forward/backward over a classifier.
+
+    batch_size: the most inputs per forward/backward. With `auto_backoff`, a chunk that runs out of device
+    memory is retried at half the size (and the smaller size is kept). precision: `fp32`, or `bf16`/`fp16`
+    for autocast; gradients and scores are always returned in float32.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int = 16, score: str = "logit",
+                 precision: str = "fp32", auto_backoff: bool = False) -> None:
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}")
+        self.model = model
+        self.batch_size = max(1, int(batch_size))
+        self.score = score
+        self.precision = precision
+        self.auto_backoff = auto_backoff
+        self.passes = 0  # forward passes run, counted per input
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _chunked(self, n: int, run: Callable[[int, int], None]) -> None:
+        start = 0
+        while start < n:
+            stop = min(n, start + self.batch_size)
+            try:
+                run(start, stop)
+            except Exception as e:
+                if not (self.auto_backoff and _is_oom(e) and self.batch_size > 1):
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            self.passes += stop - start
+            start = stop
+
+    def _select(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.score == "prob":
+            logits = logits.softmax(-1)
+        elif self.score == "logprob":
+            logits = logits.log_softmax(-1)
+        return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+    # -- the oracle -------------------------------------------------------------------------------------
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs for `x` (N, C, H, W), no gradients, float32: (N, K)."""
+        out: list[torch.Tensor] = []
+
+        def run(a: int, b: int) -> None:
+            with torch.no_grad(), self._autocast(x.device):
+                out.append(self.model(x[a:b]).float())
+
+        with frozen(self.model):
+            self._chunked(x.shape[0], run)
+        return torch.cat(out)
+
+    def scores(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The target score of every input, no gradients: (N,)."""
+        return self._select(self.logits(x), target)
+
+    def probabilities(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Softmax probability of the target class for every input: (N,)."""
+        return self.logits(x).softmax(-1).gather(1, target.view(-1, 1)).squeeze(1)
+
+    def gradients(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`d score_target / d x` for every input of `x` (N, C, H, W) and its score (N,), both float32.
+
+        target: (N,) class indices on x's device. One backward per chunk of the summed scores.
+        """
+        grads = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        scores = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+
+        def run(a: int, b: int) -> None:
+            xc = x[a:b].detach().requires_grad_(True)
+            with torch.enable_grad(), self._autocast(x.device):
+                s = self._select(self.model(xc), target[a:b])
+            (g,) = torch.autograd.grad(s.sum(), xc)
+            grads[a:b] = g
+            scores[a:b] = s.detach()
+
+        with frozen(self.model):
+            self._chunked(x.shape[0], run)
+        return grads, scores
+
+    @contextlib.contextmanager
+    def weights_perturbed(self) -> Iterator[Callable[[torch.Generator, float], None]]:
+        """Multiplicative weight noise, always undone.
+
+        Yields `perturb(generator, s)`, which sets every parameter to `p0 * eta` with `eta ~ N(1, s^2)`
+        elementwise, where `p0` is a clean copy taken once on entry (so draws never compound). Buffers (e.g.
+        BatchNorm running statistics) are untouched. The clean values are written back in `finally`.
+        """
+        params = [p for p in self.model.parameters()]
+        clean = [p.detach().clone() for p in params]
+
+        def perturb(generator: torch.Generator, s: float) -> None:
+            with torch.no_grad():
+                for p, p0 in zip(params, clean, strict=True):
+                    eta = torch.randn(p0.shape, generator=generator, device=p0.device, dtype=p0.dtype)
+                    p.copy_(p0 + p0 * eta * s)
+
+        try:
+            yield perturb
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(params, clean, strict=True):
+                    p.copy_(p0)
