@@ -245,6 +245,18 @@ def info(
         err.print(f"[bold]{k}[/bold]: {v}")
 
 
+def _register_evaluate() -> None:
+    """`saliency evaluate` lives in saliency_cli/evaluate/command.py (when that package is present)."""
+    try:
+        from saliency_cli.evaluate.command import evaluate
+    except ImportError:
+        return
+    app.command("evaluate")(evaluate)
+
+
+_register_evaluate()
+
+
 def main() -> None:
     """Entry point: run the app and turn every outcome into one exit code."""
     debug = os.environ.get("SALIENCY_DEBUG") == "1"
