@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -20,7 +19,7 @@ from saliency_cli.errors import SaliencyError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -263,12 +262,9 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="saliency", standalone_mode=False)
-    except click.UsageError as e:
-        err.print(f"saliency: error: {e.format_message()}", markup=False)
-        code = EXIT_USAGE
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("saliency: interrupted", markup=False)
         code = EXIT_INTERRUPTED
     except SaliencyError as e:
@@ -276,12 +272,17 @@ def main() -> None:
             raise
         err.print(f"saliency: error: {e}", markup=False)
         code = e.exit_code
-    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and exit 1
-        if debug:
-            raise
-        err.print(f"saliency: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                  " (SALIENCY_DEBUG=1 for the traceback)", markup=False)
-        code = EXIT_FATAL
+    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and an exit code
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's (or Typer's vendored) usage errors
+            err.print(f"saliency: error: {e.format_message()}", markup=False)
+            code = e.exit_code
+        else:
+            if debug:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            err.print(f"saliency: error: {type(e).__name__}: {first} (SALIENCY_DEBUG=1 for the traceback)",
+                      markup=False)
+            code = EXIT_FATAL
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -149,18 +149,44 @@ def _bundled_model() -> tuple[torch.nn.Module, dict[str, Any]]:
     return module, {"kind": "default", "name": "efficientnet_lite0", "weights": path}
 
 
+def _offline_unless_reachable(host: str = "huggingface.co") -> None:
+    """Tell the Hugging Face hub client to use its local cache only when the hub cannot be reached, instead
+    of retrying for a minute. Cached weights still load; an explicit HF_HUB_OFFLINE setting is respected."""
+    import os
+    import socket
+
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as hub_constants
+
+            hub_constants.HF_HUB_OFFLINE = True
+        except (ImportError, AttributeError):
+            pass
+
+
 def _timm_model(name: str, checkpoint: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     import timm
 
     if not timm.is_model(name.removeprefix("timm/").split(".")[0]) and not name.startswith("hf-hub:"):
         raise ModelError(f"model {name!r} is neither 'default', a timm model name nor an existing file")
     if checkpoint is None:
+        _offline_unless_reachable()
         try:
             module = timm.create_model(name, pretrained=True)
         except Exception as e:  # noqa: BLE001 - hub and network errors come in many types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            import os
+
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                reason = "not in the local cache and the model hub is out of reach"
+            else:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(
-                f"cannot load weights for {name!r} ({first}); offline, pass local weights with --checkpoint FILE"
+                f"cannot load weights for {name!r}: {reason}; pass local weights with --checkpoint FILE"
             ) from None
         return module, {"kind": "timm", "name": name, "weights": "pretrained"}
     state = read_state_dict(checkpoint)
