@@ -275,11 +275,17 @@ class Run:
         self.ctx = Context(lo=lo, hi=hi, seed=opts.seed).to(device)
         self.jobs = make_jobs(opts, model.source, model.data_config)
         self.finished = _finished(opts.out, opts.overwrite)
+        auto_jobs = [job for job in self.jobs if job.hyper.get("weight_noise") == "auto"]
+        weight_noise_auto = self._calibrate(items) if auto_jobs else None
+        for job in auto_jobs:
+            job.hyper["weight_noise"] = weight_noise_auto
         info = {
             "command": sys.argv, "versions": versions(), "device": str(device), "model": model.source,
             "data_config": model.data_config, "options": _jsonable(asdict(opts)),
             "started": started.isoformat(), "inputs": len(items), "batch_size": batch,
         }
+        if weight_noise_auto is not None:
+            info["weight_noise_auto"] = weight_noise_auto
         write_json(opts.out / "run.json", info)
         if self.on_start is not None:
             self.on_start(len(items))
@@ -296,6 +302,24 @@ class Run:
                         interrupted=interrupted, batch_size_final=self.oracle.batch_size)
             write_json(opts.out / "run.json", info)
         return info
+
+    def _calibrate(self, items: list[InputItem], limit: int = 16) -> float:
+        """`--weight-noise auto`: the weight noise at which noisy models lose about 5 % of their top-1
+        agreement with the clean model, found by bisection on (up to `limit` of) the run's images."""
+        from saliency_cli.methods.noisegrad import calibrate_weight_noise
+
+        xs = []
+        for item in items:
+            try:
+                xs.append(preprocess(decode(item.path.read_bytes()), self.model.data_config)[0])
+            except (OSError, ImageError):
+                continue
+            if len(xs) >= limit:
+                break
+        if not xs:
+            raise UsageError("--weight-noise auto needs at least one readable image")
+        x = torch.stack(xs).to(self.device)
+        return float(calibrate_weight_noise(self.oracle, x, seed=self.opts.seed))
 
     # -- the pipeline ---------------------------------------------------------------------------------
     def _decode(self, item: InputItem) -> Decoded:
@@ -403,8 +427,7 @@ class Run:
                         self._submit_record({**rec, "status": "skipped", "seconds": 0.0})
             if not todo:
                 continue
-            gens = [torch.Generator(device=self.device).manual_seed(image_seed(self.opts.seed, group[rows[r][0]].digest))
-                    for r in todo]
+            gens = [self._generator(group[rows[r][0]].digest) for r in todo]
             sel = torch.tensor(todo, device=self.device)
             t0 = time.perf_counter()
             try:
@@ -431,6 +454,10 @@ class Run:
             i, c = rows[r]
             if len(entries) > 1:
                 self.writer.submit(self._write_strip, group[i], c if topk else None, entries)
+
+    def _generator(self, digest: str) -> torch.Generator:
+        """A fresh generator on the model's device, seeded from (run seed, image bytes) only."""
+        return torch.Generator(device=self.device).manual_seed(image_seed(self.opts.seed, digest))
 
     # -- outputs --------------------------------------------------------------------------------------
     def _paths(self, d: Decoded, name: str) -> tuple[Path, str]:

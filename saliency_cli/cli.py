@@ -234,8 +234,9 @@ def info(
     with torch.no_grad():
         num_classes = loaded.module(torch.zeros(1, c, h, w, device=dev)).shape[-1]
     attach_default_labels(loaded, num_classes)
+    parameters = sum(p.numel() for p in loaded.module.parameters())
     data = {"model": loaded.source, "data_config": loaded.data_config, "num_classes": num_classes,
-            "labels": "yes" if loaded.labels else "no", "parameters": sum(p.numel() for p in loaded.module.parameters()),
+            "labels": "yes" if loaded.labels else "no", "parameters": parameters,
             "device": str(dev), "versions": versions()}
     if json_out:
         typer.echo(json.dumps(data, indent=2, default=str))
