@@ -206,16 +206,21 @@ def make_jobs(opts: ExplainOptions, source: dict[str, Any], data_config: dict[st
 
 
 def _finished(out: Path, overwrite: bool) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    """Earlier ok records by (key, config id, file digest) whose files all still exist."""
+    """Earlier ok records by (key, config id, file digest) whose files all still exist. Output names do not depend
+    on the settings, so only the latest record that wrote a file counts (not one that a later run overwrote)."""
     if overwrite:
         return {}
     done: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for rec in read_manifest(out / "manifest.jsonl"):
-        if rec.get("status") != "ok" or not rec.get("config"):
+    claimed: set[str] = set()  # output files written by a later record
+    for rec in reversed(read_manifest(out / "manifest.jsonl")):
+        if rec.get("status") != "ok":
             continue
-        if not all((out / p).is_file() for p in (rec.get("outputs") or {}).values()):
+        outputs = list((rec.get("outputs") or {}).values())
+        latest = not claimed.intersection(outputs)
+        claimed.update(outputs)
+        if not latest or not rec.get("config") or not all((out / p).is_file() for p in outputs):
             continue
-        done.setdefault((rec["key"], rec["config"], rec.get("sha256", "")), []).append(rec)
+        done.setdefault((rec["key"], rec["config"], rec.get("sha256", "")), []).insert(0, rec)
     return done
 
 

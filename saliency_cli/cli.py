@@ -263,6 +263,8 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="saliency", standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into Exit(130)
+            err.print("saliency: interrupted", markup=False)
     except typer.Exit as e:
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort):

@@ -12,11 +12,15 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) and put back
+os.umask(_UMASK)
+
 
 def _atomic(path: Path, write: Any, suffix: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
