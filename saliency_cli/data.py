@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from saliency_cli.errors import ImageError, UsageError
 
@@ -88,8 +88,11 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise ImageError(f"not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image in a known format (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for truncated or broken files
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ImageError(f"broken image data ({type(e).__name__}: {reason})") from None
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
