@@ -15,7 +15,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from saliency_cli.errors import SaliencyError, UsageError
+# Before torch is imported: OpenMP threads that spin while waiting starve each other as soon as anything else
+# runs on the machine (a forward pass of the bundled model took 4x longer on 2 shared cores); sleeping waiters
+# cost little when the machine is quiet. A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from saliency_cli.errors import SaliencyError, UsageError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
@@ -246,11 +251,9 @@ def info(
 
 
 def _register_evaluate() -> None:
-    """`saliency evaluate` lives in saliency_cli/evaluate/command.py (when that package is present)."""
-    try:
-        from saliency_cli.evaluate.command import evaluate
-    except ImportError:
-        return
+    """`saliency evaluate` lives in saliency_cli/evaluate/command.py."""
+    from saliency_cli.evaluate.command import evaluate
+
     app.command("evaluate")(evaluate)
 
 

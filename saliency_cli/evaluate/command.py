@@ -155,9 +155,10 @@ def _list_metrics(json_out: bool) -> None:
     from saliency_cli.evaluate.base import REGISTRY
     from saliency_cli.evaluate.sanity import SANITY
 
-    rows = [{"name": m.name, "family": m.family, "summary": m.summary, "higher_is_better": m.higher_is_better,
-             "defaults": m.defaults, "forward_passes_per_image": m.cost(m.defaults), "default": m.default,
-             "needs_regions": m.needs_regions, "paper": m.paper} for m in REGISTRY.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": m.name, "family": m.family, "summary": m.summary, "higher_is_better": m.higher_is_better,
+         "defaults": m.defaults, "forward_passes_per_image": m.cost(m.defaults), "default": m.default,
+         "needs_regions": m.needs_regions, "paper": m.paper} for m in REGISTRY.values()]
     rows += [{"name": s.name, "family": "sanity", "summary": s.summary, "higher_is_better": s.higher_is_better,
               "defaults": s.defaults, "map_recomputations_per_image": s.cost(s.defaults), "default": False,
               "needs_regions": False, "paper": s.paper} for s in SANITY.values()]

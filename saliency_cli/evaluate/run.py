@@ -92,7 +92,7 @@ class Evaluation:
 
     images: list[dict[str, Any]]
     summary: dict[str, dict[str, dict[str, Any]]]
-    curves: dict[str, dict[str, dict[str, Any]]]
+    curves: dict[str, dict[str, Any]]
     sanity: dict[str, dict[str, dict[str, Any]]]
     metrics: list[str]
     timing: dict[str, float]
@@ -197,7 +197,10 @@ class Row:
 
     @property
     def image(self) -> str:
-        return str(self.record["image"])
+        """The image path; a relative one is taken from the folder `explain` ran in (run.json's `cwd`)."""
+        path = Path(str(self.record["image"]))
+        cwd = self.run.info.get("cwd")
+        return str(Path(cwd) / path if cwd and not path.is_absolute() else path)
 
     @property
     def target(self) -> int:
@@ -376,6 +379,8 @@ def _mean_curves(curves: list[list[float]]) -> dict[str, Any]:
 def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) -> Evaluation:
     """Score every map of the runs; write evaluation.json, evaluation.csv and plots unless `opts.write` is
     off. Raises UsageError for bad options; per-row problems (missing image, unreadable map) become warnings."""
+    from saliency_cli.api import default_batch_size  # here: api may one day import this module
+
     metrics, sanity, metric_opts, sanity_opts = resolve(opts)
     boxes = read_boxes(opts.boxes) if opts.boxes is not None else None
     masks = index_masks(opts.masks) if opts.masks is not None else None
@@ -400,8 +405,6 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
             warnings.append(f"{run.folder}: no finished maps")
             continue
         model = _model_for(run, device, models)
-        from saliency_cli.api import default_batch_size
-
         batch_size = opts.batch_size or default_batch_size(device)
         oracle = GradientOracle(model.module, batch_size=batch_size, score=run.score,
                                 auto_backoff=opts.batch_size is None)
@@ -460,10 +463,10 @@ def _evaluate_group(run: RunData, rows: list[Row], oracle: GradientOracle, ctx: 
     x_img = torch.stack([loaded[i].x for i in order])  # (G, C, H, W)
     from saliency_cli.methods.base import baseline as method_baseline
 
-    ref_img = method_baseline(x_img, baseline, ctx, []) if baseline in ("blur", "mean", "black") else None
+    ref_img = method_baseline(x_img, baseline, ctx, [])  # (G, C, H, W), once per image, not per method
     batch = Batch(oracle=oracle, x=x_img[img_index], target=torch.tensor([r.target for r in good], device=device),
                   maps=torch.from_numpy(np.stack(maps)).to(device), ctx=ctx, baseline=baseline,
-                  seeds=[loaded[r.image].seed for r in good], ref=None if ref_img is None else ref_img[img_index])
+                  seeds=[loaded[r.image].seed for r in good], ref=ref_img[img_index])
     if regions_table is not None:
         regs, has = [], []
         for row, m in zip(good, maps, strict=True):
@@ -493,40 +496,39 @@ def _evaluate_group(run: RunData, rows: list[Row], oracle: GradientOracle, ctx: 
         for j, row in enumerate(good):
             by_label[row.label].append(j)
         for label, js in by_label.items():
-            rec = good[js[0]].record
-            method = METHODS.get(rec["method"])
+            method = METHODS.get(good[js[0]].record["method"])
             if method is None:
-                warnings.append(f"{check}: method {rec['method']!r} is not available here; skipped {label}")
+                warnings.append(f"{check}: method {good[js[0]].record['method']!r} is not available here; "
+                                f"skipped {label}")
                 continue
-            sel = torch.tensor(js, device=device)
-            recompute = _recomputer(method, rec.get("params") or {}, oracle, batch.x[sel], batch.target[sel],
-                                    [batch.seeds[j] for j in js], ctx)
             t0 = time.perf_counter()
-            if check == "randomization":
-                res = randomization(oracle.model, recompute, seed=run.seed, **sanity_opts[check])
-                curve: dict[str, Any] = {"stages": res.stages, "rows": res.correlations.T.cpu().tolist()}
-                values = res.value
-            else:
-                xs, ts = batch.x[sel], batch.target[sel]
-                res_p = perturbation(oracle.model, recompute, lambda xs=xs, ts=ts: oracle.probabilities(xs, ts),
-                                     seed=run.seed, **sanity_opts[check])
-                curve = {"t": res_p.t, "similarity": res_p.similarity.T.cpu().tolist(),
-                         "probability": res_p.probability.T.cpu().tolist()}
-                values = res_p.value
+            values = _sanity(check, sanity_opts[check], method, [good[j] for j in js], batch,
+                             torch.tensor(js, device=device), oracle, ctx, run.seed, col.sanity[check])
             col.seconds[check] += time.perf_counter() - t0
             col.counts[check] += len(js)
-            entry_s = col.sanity[check].setdefault(label, {"images": []})
-            for k, j in enumerate(js):
-                item = {"image": good[j].image, "target": good[j].target}
-                if check == "randomization":
-                    entry_s["stages"] = curve["stages"]
-                    item["correlations"] = curve["rows"][k]
-                else:
-                    entry_s["t"] = curve["t"]
-                    item["similarity"] = curve["similarity"][k]
-                    item["probability"] = curve["probability"][k]
-                entry_s["images"].append(item)
             col.add(check, [ids[j] for j in js], [labels[j] for j in js], Scores(values))
+
+
+def _sanity(check: str, options: dict[str, Any], method: Method, rows: list[Row], batch: Batch, sel: torch.Tensor,
+            oracle: GradientOracle, ctx: Context, seed: int, store: dict[str, dict[str, Any]]) -> torch.Tensor:
+    """Run one sanity check on the rows of one method label; appends per-image curves to `store[label]` and
+    returns the per-row values (R,)."""
+    x, target = batch.x[sel], batch.target[sel]
+    recompute = _recomputer(method, rows[0].record.get("params") or {}, oracle, x, target,
+                            [batch.seeds[j] for j in sel.tolist()], ctx)
+    entry = store.setdefault(rows[0].label, {"images": []})
+    if check == "randomization":
+        res = randomization(oracle.model, recompute, seed=seed, **options)
+        entry["stages"] = res.stages
+        for row, corr in zip(rows, res.correlations.T.cpu().tolist(), strict=True):
+            entry["images"].append({"image": row.image, "target": row.target, "correlations": corr})
+        return res.value
+    res_p = perturbation(oracle.model, recompute, lambda: oracle.probabilities(x, target), seed=seed, **options)
+    entry["t"] = res_p.t
+    for row, sim, prob in zip(rows, res_p.similarity.T.cpu().tolist(), res_p.probability.T.cpu().tolist(),
+                              strict=True):
+        entry["images"].append({"image": row.image, "target": row.target, "similarity": sim, "probability": prob})
+    return res_p.value
 
 
 def _recomputer(method: Method, params: dict[str, Any], oracle: GradientOracle, x: torch.Tensor,
@@ -603,6 +605,21 @@ def _finish(opts: EvaluateOptions, runs: list[RunData], all_rows: list[Row], row
 
         ev.files = write_reports(ev, out, plots=opts.plots)
     return ev
+
+
+def score_maps(metric: str, oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
+               ctx: Context, *, seeds: list[int] | None = None, baseline: str = "blur", **options: Any) -> torch.Tensor:
+    """One registered metric on in-memory maps, without a run folder: x (B, C, H, W), target (B,), maps
+    (B, H, W) or (B, C, H, W) (then sum_c |m_c|), all on the model's device -> (B,) values. For methods that
+    tune themselves against a metric (SmoothTaylor's adaptive noising uses `aupc` or `noise`)."""
+    if metric not in REGISTRY:
+        raise ValueError(f"unknown metric {metric!r}")
+    m = REGISTRY[metric]
+    if maps.dim() == 4:
+        maps = maps.abs().sum(1)
+    batch = Batch(oracle=oracle, x=x, target=target, maps=maps.float(), ctx=ctx, baseline=baseline,
+                  seeds=list(seeds) if seeds is not None else [0] * x.shape[0])
+    return m.fn(batch, **_merge_options(metric, m.defaults, options)).values
 
 
 def gates(summary: dict[str, dict[str, dict[str, Any]]], fail_under: dict[str, float],

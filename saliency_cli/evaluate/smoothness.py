@@ -35,7 +35,7 @@ def gaussian_pyramid(maps: torch.Tensor, downscale: float, min_size: int) -> lis
     """Levels of skimage's `pyramid_gaussian`: the map, then repeatedly Gaussian-smoothed (sigma =
     2 * downscale / 6, reflected borders) and resized bilinearly to ceil(size / downscale), while both sides
     stay at least min_size. (R, H, W) -> list of (R, h_l, w_l)."""
-    from torchvision.transforms.functional import gaussian_blur
+    from torchvision.transforms.functional import gaussian_blur  # type: ignore[import-untyped]
 
     sigma = 2 * downscale / 6.0
     ksize = 2 * math.ceil(4 * sigma) + 1

@@ -160,10 +160,13 @@ class SampleStats:
 
 
 def sample_chunks(n: int, batch_images: int, batch_size: int) -> Iterator[slice]:
-    """Slices over n samples per image so that one chunk of all images is about `batch_size` inputs."""
-    k = max(1, batch_size // max(1, batch_images))
-    for start in range(0, n, k):
-        yield slice(start, min(n, start + k))
+    """Slices over n samples per image so that one chunk of all images holds at most about `batch_size` inputs,
+    in chunks of equal size (50 samples at 8 per chunk: 7 chunks of 7-8, not 6 of 8 and a tail of 2)."""
+    most = max(1, batch_size // max(1, batch_images))
+    chunks = math.ceil(n / most)
+    bounds = [i * n // chunks for i in range(chunks + 1)]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        yield slice(start, stop)
 
 
 def stream_gradients(oracle: GradientOracle, points: torch.Tensor, target: torch.Tensor,

@@ -14,6 +14,7 @@ reference's display (it averages abs, channel-summed maps; ours averages first a
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
@@ -72,7 +73,9 @@ def noisegrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     """mean_m g_m(x), where g_m is the input gradient of the target score under weights `theta * eta_m`,
     `eta_m ~ N(1, s^2)` elementwise, s = weight_noise. (B, C, H, W)
 
-    Cost: M gradient passes per image, plus one weight draw per model (shared by all images of the batch).
+    Cost: M gradient passes per image, plus one weight draw per model, shared by all images of the batch (for
+    the bundled model's 4.65 M parameters about 13 ms per draw on 2 idle CPU cores, against about 150 ms for one
+    image's gradient pass).
     stats: weight_noise (B,), the s used; dropped_samples, noisy models whose gradient was not finite.
     """
     s = _weight_noise(weight_noise)
@@ -139,38 +142,55 @@ def weight_noise_agreement(oracle: GradientOracle, x: torch.Tensor, weight_noise
 
 
 def calibrate_weight_noise(oracle: GradientOracle, x: torch.Tensor, *, seed: int, drop: float = 0.05,
-                           models: int = 10, tol: float = 0.01, start: float = 0.2, limit: float = 4.0) -> float:
+                           models: int = 10, tol: float = 0.05, start: float = 0.2, limit: float = 4.0,
+                           floor: float = 1e-6) -> float:
     """The weight noise s at which the noisy models keep about `1 - drop` top-1 agreement with the clean model
     on the images x (N, C, H, W): the paper's heuristic (about 5 % relative loss of agreement, drop = 0.05).
 
-    Bisection on s with the invariant agreement(lo) >= 1 - drop > agreement(hi): hi starts at `start` and
-    doubles (lo following) until the agreement falls below the target or hi reaches `limit`, which is returned
-    when the model never loses that much agreement. Then the bracket is halved until hi - lo <= tol (absolute,
-    in units of s) and its midpoint is returned. Deterministic given the seed: every evaluation uses the same M
-    noisy draws (see `weight_noise_agreement`). The agreement is a share of models * N votes, so few images give
-    a coarse answer. Cost: models * N forward passes (no backward) and `models` weight draws per evaluation,
-    about log2(start / tol) + 2 evaluations.
+    Bisection on s with the invariant agreement(lo) >= 1 - drop > agreement(hi). The bracket is found from
+    `start` by doubling (up to `limit`, returned if the model never loses that much agreement) or halving (down
+    to `floor`, returned if even that loses too much), then halved geometrically (models differ by orders of
+    magnitude: s = 0.2 keeps no agreement at all on the bundled efficientnet_lite0, whose s is about 0.007)
+    until hi / lo <= 1 + tol, and its geometric midpoint is returned: s to within a relative `tol`.
+
+    Deterministic given the seed: every evaluation uses the same M noisy draws (see `weight_noise_agreement`).
+    The agreement is a share of models * N votes, so few images give a coarse answer. Cost per evaluation:
+    models * N forward passes (no backward) and `models` weight draws; about 10 evaluations from the defaults.
     """
     if not 0 < drop < 1:
         raise ValueError(f"drop {drop}: must be between 0 and 1")
-    if not (tol > 0 and 0 < start <= limit):
-        raise ValueError("need tol > 0 and 0 < start <= limit")
+    if not (tol > 0 and 0 < floor <= start <= limit):
+        raise ValueError("need tol > 0 and 0 < floor <= start <= limit")
     _parameter_device(oracle, start)  # fail early on a model without parameters
     wanted = 1.0 - drop
     clean = oracle.logits(x).argmax(1)
 
-    def agreement(s: float) -> float:
-        return weight_noise_agreement(oracle, x, s, seed=seed, models=models, clean=clean)
+    def keeps(s: float) -> bool:
+        return weight_noise_agreement(oracle, x, s, seed=seed, models=models, clean=clean) >= wanted
 
-    lo, hi = 0.0, float(start)
-    while agreement(hi) >= wanted:
-        if hi >= limit:
-            return float(limit)
-        lo, hi = hi, min(2.0 * hi, float(limit))
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if agreement(mid) >= wanted:
+    s = float(start)
+    if keeps(s):
+        lo = s
+        while True:  # grow until the agreement is lost
+            if lo >= limit:
+                return float(limit)
+            hi = min(2.0 * lo, float(limit))
+            if not keeps(hi):
+                break
+            lo = hi
+    else:
+        hi = s
+        while True:  # shrink until the agreement is kept
+            if hi <= floor:
+                return float(floor)
+            lo = max(0.5 * hi, float(floor))
+            if keeps(lo):
+                break
+            hi = lo
+    while hi / lo > 1.0 + tol:
+        mid = math.sqrt(lo * hi)
+        if keeps(mid):
             lo = mid
         else:
             hi = mid
-    return 0.5 * (lo + hi)
+    return math.sqrt(lo * hi)
