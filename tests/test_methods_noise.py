@@ -88,8 +88,8 @@ SMALL = {
 # -- registrations --------------------------------------------------------------------------------------
 def test_registrations_carry_defaults_cost_and_display() -> None:
     expected = {  # name: (defaults, passes per image at the defaults, default reduce)
-        "noisegrad": ({"weight_noise": 0.2, "models": 10}, 10, "abs-sum"),
-        "fusiongrad": ({"weight_noise": 0.2, "models": 10, "noise": 0.085, "samples": 10}, 100, "abs-sum"),
+        "noisegrad": ({"weight_noise": "auto", "models": 10}, 10, "abs-sum"),
+        "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10}, 100, "abs-sum"),
         "adaptgrad": ({"confidence": 0.95, "samples": 50}, 51, "abs-sum"),
         "smoothtaylor": ({"noise": 0.106, "samples": 150}, 150, "sum"),
     }
@@ -272,9 +272,19 @@ def test_a_model_without_parameters_is_refused_not_silently_unperturbed() -> Non
         run("noisegrad", frozen, images(1), (1,), weight_noise=0.2, models=2)
 
 
-def test_weight_noise_must_be_a_number() -> None:
+def test_weight_noise_auto_is_the_calibrated_value_on_the_batch() -> None:
+    """weight_noise='auto' equals the map at s = calibrate_weight_noise on the same images and seed."""
+    model, x = tiny_cnn(), images(3)
+    s = calibrate_weight_noise(GradientOracle(model, batch_size=16), x, seed=CTX.seed)
+    auto = run("noisegrad", model, x, (1, 2, 3), weight_noise="auto", models=2)
+    explicit = run("noisegrad", model, x, (1, 2, 3), weight_noise=s, models=2)
+    assert s > 0
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+
+
+def test_weight_noise_must_be_a_number_or_auto() -> None:
     with pytest.raises(ValueError, match="auto"):
-        run("noisegrad", tiny_cnn(), images(1), (1,), weight_noise="auto", models=2)
+        run("noisegrad", tiny_cnn(), images(1), (1,), weight_noise="loud", models=2)
 
 
 # -- determinism ----------------------------------------------------------------------------------------
