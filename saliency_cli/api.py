@@ -86,6 +86,7 @@ class ExplainOptions:
     alpha: float = 0.5
     percentile: float = 99.0
     overwrite: bool = False
+    cheap: bool = False  # each method's recommended cheaper settings (`saliency methods`) instead of its defaults
     data_overrides: dict[str, Any] = field(default_factory=dict)
     labels_file: str | None = None
     stdin_lines: list[str] | None = None
@@ -188,7 +189,8 @@ def make_jobs(opts: ExplainOptions, source: dict[str, Any], data_config: dict[st
     jobs = []
     for name in opts.methods:
         method = REGISTRY[name]
-        base = {**method.defaults, **{k: v for k, v in opts.hyper.items() if v is not None and k in method.defaults}}
+        given = {k: v for k, v in opts.hyper.items() if v is not None and k in method.defaults}
+        base = {**method.defaults, **(method.cheap if opts.cheap else {}), **given}
         levels: list[float | None] = [None]
         if "noise" in method.defaults and opts.noise is not None:
             levels = list(opts.noise) if len(opts.noise) > 1 else [None]

@@ -101,6 +101,8 @@ def explain(
     alpha: Annotated[float, typer.Option(help="Heatmap opacity in the overlays")] = 0.5,
     percentile: Annotated[float, typer.Option(help="Display clipping percentile")] = 99.0,
     overwrite: Annotated[bool, typer.Option(help="Redo images already finished in --out")] = False,
+    cheap: Annotated[bool, typer.Option(help="Each method's cheaper recommended settings (see `saliency methods`) "
+                                        "instead of its defaults; explicit options still win")] = False,
     input_size: InputSize = None,
     mean: Mean = None,
     std: Std = None,
@@ -135,7 +137,8 @@ def explain(
         inputs=inputs, out=out, model=model, checkpoint=checkpoint,
         methods=[m.strip() for m in method.split(",") if m.strip()], noise=_floats(noise, "--noise"),
         hyper=hyper, target=target, device=device, precision=precision, batch_size=batch, seed=seed,
-        reduce=reduce, score=score, colormap=colormap, alpha=alpha, percentile=percentile, overwrite=overwrite,
+        reduce=reduce, score=score, colormap=colormap, alpha=alpha, percentile=percentile,
+        overwrite=overwrite, cheap=cheap,
         data_overrides=_data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
         stdin_lines=stdin_lines,
     )

@@ -34,7 +34,8 @@ def overlay(region: Image.Image, m: np.ndarray, *, cmap: str | None = None, alph
     base = np.asarray(region.convert("RGB"), dtype=np.float32) / 255.0
     if signed:
         colours = colormap(cmap or DEFAULT_DIVERGING)((resized + 1.0) / 2.0)[..., :3]
-        weight = alpha * np.abs(resized)[..., None]
+        # sqrt: signed maps (IG, SmoothTaylor) are heavy-tailed; a linear fade hid all but a few pixels
+        weight = min(1.0, 1.6 * alpha) * np.sqrt(np.abs(resized))[..., None]
     else:
         colours = colormap(cmap or DEFAULT_COLORMAP)(resized)[..., :3]
         weight = np.full(resized.shape + (1,), alpha, dtype=np.float32)

@@ -91,7 +91,7 @@ def test_registrations_carry_defaults_cost_and_display() -> None:
         "noisegrad": ({"weight_noise": "auto", "models": 10}, 10, "abs-sum"),
         "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10}, 100, "abs-sum"),
         "adaptgrad": ({"confidence": 0.95, "samples": 50}, 51, "abs-sum"),
-        "smoothtaylor": ({"noise": 0.106, "samples": 150}, 150, "sum"),
+        "smoothtaylor": ({"noise": 0.106, "samples": 150}, 150, "abs-sum"),
     }
     for name, (defaults, cost, reduce) in expected.items():
         method = REGISTRY[name]

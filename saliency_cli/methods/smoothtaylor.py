@@ -5,8 +5,9 @@ The average of first-order Taylor terms of the target score around N random root
 
     R(x) = mean_n (x - z_n) * g(z_n) = -mean_n e_n * g(x + e_n)
 
-It is signed (default display `sum`). For a linear score `w . x + b` it is `-mean_n e_n * w` (zero in
-expectation). `smoothtaylor_at` computes it for a given absolute sigma per image: the building block of the
+It is signed; the default reduction is `abs-sum` because positive and negative relevance of neighbouring pixels
+almost cancel in a signed display of a photo (`--reduce sum` keeps the sign). For a linear score `w . x + b` it is
+`-mean_n e_n * w` (zero in expectation). `smoothtaylor_at` computes it for a given absolute sigma per image: the building block of the
 adaptive-noise search, which calls it for each candidate sigma.
 """
 
@@ -53,7 +54,7 @@ def smoothtaylor_at(oracle: GradientOracle, x: torch.Tensor, target: torch.Tenso
 
 @register("smoothtaylor", summary="Mean first-order Taylor term around Gaussian roots near the input",
           paper=PAPER, defaults={"noise": TAYLOR_NOISE, "samples": 150}, stochastic=True,
-          cost=lambda h: int(h["samples"]), reduce="sum", cheap={"samples": 50})
+          cost=lambda h: int(h["samples"]), reduce="abs-sum", cheap={"samples": 50})
 def smoothtaylor(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
                  generators: list[torch.Generator], ctx: Context, noise: float, samples: int) -> Attribution:
     """mean_n (x - z_n) * g(z_n), z_n = x + e_n, e_n ~ N(0, sigma^2), sigma = noise * (max(x) - min(x)). (B, C, H, W)
