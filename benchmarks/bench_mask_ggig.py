@@ -2,7 +2,7 @@
 
 Run by hand, not in CI:
 
-    python benchmarks/bench_mask_ggig.py                         # 2 images, mask 640 passes, ggig estimate
+    python benchmarks/bench_mask_ggig.py --threads 1             # 2 images, mask 640 passes, ggig estimate
     python benchmarks/bench_mask_ggig.py --mask-passes 5000 --ggig-iterations 100   # the full defaults (slow)
     python benchmarks/bench_mask_ggig.py --quality               # also: cheap vs default maps (slower)
 
@@ -12,12 +12,16 @@ Run by hand, not in CI:
 (b) ggig: seconds per image at the defaults (51 points x 100 ascent steps = 5100 gradient passes), estimated
     from `--ggig-iterations` ascent steps (each step costs the same: one gradient call over all path points,
     so time is linear in the number of steps), and measured in full at the cheap setting of the registry.
-Prints a markdown table.
+Prints a markdown table with wall and process CPU seconds. On a machine shared with other jobs, use
+`--threads 1` and read the CPU column: with 2 threads on 2 busy cores, every parallel region of a small
+(batch 1) forward pass waits for a descheduled thread, which inflates the sequential run's wall time several
+fold and with it the apparent speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +52,24 @@ def generators(digests: list[str], seed: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(seed, d)) for d in digests]
 
 
-def timed(fn: Any) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+class Clock:
+    """Wall and process CPU seconds of a call. On a shared machine the CPU seconds of a 1-thread run are the
+    steadier figure: they do not grow while other processes hold the cores."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0) -> None:
+        self.wall, self.cpu = wall, cpu
+
+    def __add__(self, other: Clock) -> Clock:
+        return Clock(self.wall + other.wall, self.cpu + other.cpu)
+
+    def per(self, n: float) -> str:
+        return f"{self.wall / n:.2f} | {self.cpu / n:.2f}"
+
+
+def timed(fn: Any) -> tuple[Clock, Any]:
+    w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return Clock(time.perf_counter() - w0, time.process_time() - c0), out
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,84 +82,94 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2, help="sample images to explain")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--mask-passes", type=int, default=640, help="forward passes per image in the mask runs")
     ap.add_argument("--chains", type=int, default=64, help="chains of the batched mask run")
-    ap.add_argument("--batch-size", type=int, default=64, help="oracle batch size of the batched runs")
+    ap.add_argument("--batch-sizes", default="8,64", help="oracle batch sizes of the batched mask runs")
+    ap.add_argument("--ggig-batch-size", type=int, default=8, help="oracle batch size of the ggig runs (CLI: 8)")
     ap.add_argument("--ggig-iterations", type=int, default=3,
                     help="ascent steps actually run at 51 path points to estimate the 100-step default")
     ap.add_argument("--quality", action="store_true",
                     help="also compare the cheap settings' maps with the defaults' (runs the defaults in full)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     model = load_model("default", device="cpu")
     x, digests = load_images(args.images, model.data_config)
     lo, hi = input_bounds(model.data_config)
     ctx = Context(lo=lo, hi=hi, seed=0)
-    oracle = GradientOracle(model.module, batch_size=args.batch_size)
-    target = oracle.logits(x).argmax(1)  # also warms the model up
+    target = GradientOracle(model.module, batch_size=8).logits(x).argmax(1)  # also warms the model up
     b = x.shape[0]
-    rows: list[tuple[str, str, str]] = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {b} images, oracle batch {args.batch_size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {b} images, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n", flush=True)
+    print("| run | wall s / image | CPU s / image | note |\n| --- | --- | --- | --- |", flush=True)
+
+    def row(name: str, seconds: str, note: str) -> None:
+        print(f"| {name} | {seconds or ' | '} | {note} |", flush=True)
 
     # (a) mask ----------------------------------------------------------------------------------------------
     mask = REGISTRY["mask"]
-    hyper = {**mask.defaults, "iterations": args.mask_passes}
+    passes = args.mask_passes
+    hyper = {**mask.defaults, "iterations": passes}
     seq_oracle = GradientOracle(model.module, batch_size=1)
-    t_seq = 0.0
+    t_seq = Clock()
     for i in range(b):  # the reference: one chain, one image, one forward pass at a time
         dt, _ = timed(lambda i=i: mask.fn(seq_oracle, x[i : i + 1], target[i : i + 1],
                                           generators=generators(digests[i : i + 1]), ctx=ctx,
                                           **{**hyper, "chains": 1}))
         t_seq += dt
-    t_bat, _ = timed(lambda: mask.fn(oracle, x, target, generators=generators(digests), ctx=ctx,
-                                     **{**hyper, "chains": args.chains}))
-    passes = args.mask_passes
-    for name, t in (("1 chain, sequential (reference)", t_seq), (f"{args.chains} chains, batched", t_bat)):
-        rows.append((f"mask {passes} passes: {name}", f"{t / b:.2f}", f"{1000 * t / (b * passes):.2f} ms/pass"))
-    rows.append(("mask speed-up (batched vs sequential)", "", f"{t_seq / t_bat:.1f}x"))
-    rows.append((f"mask at the defaults ({mask.defaults['iterations']} passes), extrapolated", "",
-                 f"{t_bat / (b * passes) * mask.defaults['iterations']:.1f} s/image"))
+    row(f"mask {passes} passes: 1 chain, sequential (reference)", t_seq.per(b),
+        f"{1000 * t_seq.cpu / (b * passes):.1f} ms CPU/pass")
+    best = Clock(float("inf"), float("inf"))
+    for bs in (int(v) for v in args.batch_sizes.split(",")):
+        oracle = GradientOracle(model.module, batch_size=bs)
+        dt, _ = timed(lambda oracle=oracle: mask.fn(oracle, x, target, generators=generators(digests), ctx=ctx,
+                                                    **{**hyper, "chains": args.chains}))
+        best = min(best, dt, key=lambda c: c.cpu)
+        row(f"mask {passes} passes: {args.chains} chains batched, oracle batch {bs}", dt.per(b),
+            f"{1000 * dt.cpu / (b * passes):.1f} ms CPU/pass; speed-up {t_seq.wall / dt.wall:.2f}x wall, "
+            f"{t_seq.cpu / dt.cpu:.2f}x CPU")
+    row(f"mask defaults ({mask.cost(mask.defaults)} passes), from the best batched run",
+        best.per(b * passes / mask.cost(mask.defaults)), "extrapolated (time is linear in the passes)")
     cheap = {**mask.defaults, **mask.cheap}
-    dt, _ = timed(lambda: mask.fn(oracle, x, target, generators=generators(digests), ctx=ctx, **cheap))
-    rows.append((f"mask cheap {mask.cheap}", f"{dt / b:.2f}", f"{mask.cost(cheap)} passes"))
+    row(f"mask cheap {mask.cheap}", best.per(b * passes / mask.cost(cheap)), "extrapolated")
 
     # (b) ggig ----------------------------------------------------------------------------------------------
     ggig = REGISTRY["ggig"]
+    oracle = GradientOracle(model.module, batch_size=args.ggig_batch_size)
     one = slice(0, 1)  # one image: 51 path points already fill several oracle batches
     reduced = {**ggig.defaults, "iterations": args.ggig_iterations}
     dt, _ = timed(lambda: ggig.fn(oracle, x[one], target[one], generators=generators(digests[one]), ctx=ctx,
                                   **reduced))
-    per_step = dt / args.ggig_iterations
-    rows.append((f"ggig defaults, {args.ggig_iterations} of {ggig.defaults['iterations']} steps run", f"{dt:.2f}",
-                 f"{1000 * dt / ggig.cost(reduced):.2f} ms/pass"))
-    rows.append(("ggig defaults (51 x 100), estimated", f"{per_step * ggig.defaults['iterations']:.1f}",
-                 f"{ggig.cost(ggig.defaults)} passes"))
+    row(f"ggig 51 points x {args.ggig_iterations} steps", dt.per(1), f"{1000 * dt.cpu / ggig.cost(reduced):.1f} ms "
+        "CPU/gradient pass")
+    row(f"ggig defaults (51 x {ggig.defaults['iterations']} = {ggig.cost(ggig.defaults)} passes)",
+        dt.per(args.ggig_iterations / ggig.defaults["iterations"]), "estimated: time is linear in the steps")
     cheap_g = {**ggig.defaults, **ggig.cheap}
     dt, cheap_map = timed(lambda: ggig.fn(oracle, x[one], target[one], generators=generators(digests[one]),
                                           ctx=ctx, **cheap_g))
-    rows.append((f"ggig cheap {ggig.cheap}", f"{dt:.2f}", f"{ggig.cost(cheap_g)} passes"))
+    row(f"ggig cheap {ggig.cheap} ({ggig.cost(cheap_g)} passes)", dt.per(1), "measured")
     flat = ggig.fn(oracle, x[one], target[one], generators=generators(digests[one]), ctx=ctx,
                    **{**cheap_g, "step_size": 0.0})
-    rows.append(("ggig cheap: corr(map, map with step size 0)",
-                 "", f"{correlation(cheap_map.maps.sum(1), flat.maps.sum(1)):.4f}"))
+    row("ggig cheap: corr(map, same with step size 0), channel sum", "",
+        f"{correlation(cheap_map.maps.sum(1), flat.maps.sum(1)):.4f}; score gain "
+        f"{float(cheap_map.stats['score_gain'][0]):.2e}")
 
     if args.quality:
         dt, full_g = timed(lambda: ggig.fn(oracle, x[one], target[one], generators=generators(digests[one]),
                                            ctx=ctx, **ggig.defaults))
-        rows.append(("ggig defaults, measured", f"{dt:.1f}", ""))
-        rows.append(("ggig corr(cheap, defaults), channel sum", "",
-                     f"{correlation(cheap_map.maps.sum(1), full_g.maps.sum(1)):.3f}"))
+        row("ggig defaults, measured", dt.per(1), "")
+        row("ggig corr(cheap, defaults), channel sum", "",
+            f"{correlation(cheap_map.maps.sum(1), full_g.maps.sum(1)):.3f}")
+        oracle = GradientOracle(model.module, batch_size=8)
         full_m = mask.fn(oracle, x, target, generators=generators(digests), ctx=ctx, **mask.defaults)
         cheap_m = mask.fn(oracle, x, target, generators=generators(digests), ctx=ctx, **cheap)
         other = mask.fn(oracle, x, target, generators=generators(digests, seed=1), ctx=ctx, **mask.defaults)
         for i in range(b):
-            rows.append((f"mask image {i}: corr(cheap, defaults) / corr(defaults, defaults other seed)", "",
-                         f"{correlation(cheap_m.maps[i, 0], full_m.maps[i, 0]):.3f} / "
-                         f"{correlation(other.maps[i, 0], full_m.maps[i, 0]):.3f}"))
-
-    print("\n| run | s / image | note |\n| --- | --- | --- |")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+            row(f"mask image {i}: corr(cheap, defaults) / corr(defaults, defaults with another seed)", "",
+                f"{correlation(cheap_m.maps[i, 0], full_m.maps[i, 0]):.3f} / "
+                f"{correlation(other.maps[i, 0], full_m.maps[i, 0]):.3f}")
 
 
 if __name__ == "__main__":

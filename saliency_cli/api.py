@@ -287,7 +287,8 @@ class Run:
         for job in auto_jobs:
             job.hyper["weight_noise"] = weight_noise_auto
         info = {
-            "command": sys.argv, "cwd": os.getcwd(), "versions": versions(), "device": str(device), "model": model.source,
+            "command": sys.argv, "cwd": os.getcwd(), "versions": versions(), "device": str(device),
+            "model": model.source,
             "data_config": model.data_config, "options": _jsonable(asdict(opts)),
             "started": started.isoformat(), "inputs": len(items), "batch_size": batch,
         }

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# As the CLI does: OpenMP threads that spin while waiting make small tensor ops many times slower when the
+# CPU is shared (7x on the contract tests with two busy cores). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +86,13 @@ def random_images(n: int, size: int = TINY_SIZE, seed: int = 0) -> torch.Tensor:
 def images() -> Callable[..., torch.Tensor]:
     """`images(n, size=32, seed=0)` -> n distinct smooth random normalised images (n, 3, size, size)."""
     return random_images
+
+
+@pytest.fixture(autouse=True)
+def _tiny_models_stay_in_eval_mode(request):
+    """Fail a test that leaves a shared tiny model out of eval mode (later tests rely on it)."""
+    yield
+    for name in ("tiny", "tiny_vit"):
+        if name in request.fixturenames:
+            model = request.getfixturevalue(name)
+            assert not any(m.training for m in model.modules()), f"{request.node.name} left {name} in train mode"

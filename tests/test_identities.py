@@ -4,6 +4,7 @@ stated tolerance, with expected values computed independently of the code under 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -168,7 +169,7 @@ def test_nan_samples_are_dropped_and_counted():
 
 def test_sample_stats_merge_chunks_like_one_pass():
     """Merging chunks of 1, 5 and 11 samples gives the float64 mean and variance of all 17 at once, even on
-    values with a large common offset; non-finite samples are left out and counted per image."""
+    values with a large common offset (no float32 cancellation); non-finite samples are left out and counted."""
     g = torch.Generator().manual_seed(0)
     values = 100.0 + torch.randn((2, 17, 3, 4, 4), generator=g)
     values[0, 3, 1, 2, 2] = float("nan")
@@ -184,7 +185,8 @@ def test_sample_stats_merge_chunks_like_one_pass():
     for i in range(2):
         finite = v[i][keep[i]]
         np.testing.assert_allclose(stats.mean[i].double().numpy(), finite.mean(0), rtol=1e-6)
-        np.testing.assert_allclose(stats.variance[i].double().numpy(), finite.var(0), rtol=2e-3)
+        # 1e-4: a float32 E[x^2] - E[x]^2 would miss by about 1e-2 here (offset 100, variance 1)
+        np.testing.assert_allclose(stats.variance[i].double().numpy(), finite.var(0), rtol=1e-4)
         np.testing.assert_allclose(stats.mean_square[i].double().numpy(), (finite**2).mean(0), rtol=1e-6)
 
 
@@ -201,29 +203,65 @@ def test_sample_stats_chunking_does_not_change_the_result():
 
 
 # -- Integrated Gradients ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_convnext() -> torch.nn.Module:
+    """timm's `test_convnext` (GELU, LayerNorm: a smooth function of its input), random weights, eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_convnext", pretrained=False).eval()
+
+
+def _logit_difference(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """f(x) - f(x') of the target logits by a plain forward pass: (B,)."""
+    with torch.no_grad():
+        fx, fr = model(x), model(ref)
+    return (fx.gather(1, target[:, None]) - fr.gather(1, target[:, None])).squeeze(1).double()
+
+
+def test_ig_completeness_with_64_gauss_legendre_points_on_a_smooth_model(tiny_convnext, tiny_ctx):
+    """On a smooth model, IG with 64 Gauss-Legendre points is complete: sum(attr) = f(x) - f(x') (to 1e-3
+    relative, far inside 1 %), and the reported completeness_gap is that difference."""
+    x = random_images(2, seed=8)
+    target = torch.tensor([4, 17])
+    diff = _logit_difference(tiny_convnext, x, torch.full_like(x, -1.0), target)
+    out = run("integrated-gradients", tiny_convnext, x, target, tiny_ctx, steps=64, baseline="black",
+              quadrature="gausslegendre")
+    total = out.maps.double().flatten(1).sum(1)
+    assert (diff.abs() > 0.1).all()  # a meaningful difference to be complete about
+    assert ((total - diff).abs() <= 1e-3 * diff.abs()).all()
+    torch.testing.assert_close(out.stats["completeness_gap"].double(), total - diff, rtol=0,
+                               atol=1e-4 * float(diff.abs().max()))
+    torch.testing.assert_close(out.stats["score_difference"].double(), diff, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_ig_completeness_on_the_bundled_model(bundled, sample_dir):
-    """IG with 64 Gauss-Legendre points on the cat photo: sum(attr) = f(x) - f(x') within 1 %, f the logit and
-    x' the black image, both computed here by a plain forward pass; the reported gap is sum(attr) - that."""
+    """On the cat photo and the bundled model, IG from the black image is complete within 1 % once the
+    quadrature resolves the path (256 Gauss-Legendre points); f(x) - f(x') is computed here by a forward pass.
+
+    64 points are not enough on this model: the ReLU6 network's path integrand has narrow spikes (up to 15x
+    its mean near a = 0.1), and 64 Gauss-Legendre points leave a gap of about 4 % on this image.
+    """
     cfg = bundled.data_config
     x, _ = preprocess(decode((sample_dir / "chelsea.png").read_bytes()), cfg)
     x = x[None]
     black = torch.tensor([(0 - m) / s for m, s in zip(cfg["mean"], cfg["std"], strict=True)]).view(1, 3, 1, 1)
     with torch.no_grad():
-        logits = bundled.module(torch.cat([x, black.expand_as(x)]))
-    target = int(logits[0].argmax())
-    diff = float(logits[0, target] - logits[1, target])
+        target = bundled.module(x).argmax(1)
+    diff = float(_logit_difference(bundled.module, x, black.expand_as(x), target)[0])
     lo, hi = input_bounds(cfg)
-    out = run("integrated-gradients", bundled.module, x, torch.tensor([target]), Context(lo, hi), batch_size=16,
-              steps=64, baseline="black", quadrature="gausslegendre")
+    out = run("integrated-gradients", bundled.module, x, target, Context(lo, hi), batch_size=32, steps=256,
+              baseline="black", quadrature="gausslegendre")
     total = float(out.maps.double().sum())
-    assert abs(diff) > 1.0  # a meaningful difference to be complete about
+    assert abs(diff) > 1.0
     assert abs(total - diff) <= 0.01 * abs(diff)
     assert float(out.stats["completeness_gap"][0]) == pytest.approx(total - diff, abs=1e-3 * abs(diff))
-    assert float(out.stats["score_difference"][0]) == pytest.approx(diff, rel=1e-4)
 
 
 def test_manifest_reports_the_completeness_gap(bundled, sample_dir, tmp_path):
-    """The manifest's completeness_gap equals sum(.npy map, signed sum) - (f(x) - f(x')) computed here."""
+    """The manifest's completeness_gap of a 64-point Gauss-Legendre run equals sum(.npy map, signed channel sum)
+    - (f(x) - f(x')), with f(x) - f(x') computed here by a plain forward pass."""
     from saliency_cli.api import ExplainOptions, explain
 
     src = tmp_path / "in"
@@ -242,8 +280,8 @@ def test_manifest_reports_the_completeness_gap(bundled, sample_dir, tmp_path):
     diff = float(logits[0, rec["target"]] - logits[1, rec["target"]])
     total = float(np.load(out / rec["outputs"]["npy"]).astype(np.float64).sum())
     assert rec["params"]["quadrature"] == "gausslegendre" and rec["params"]["steps"] == 64
+    assert rec["target"] == int(logits[0].argmax())
     assert rec["stats"]["completeness_gap"] == pytest.approx(total - diff, abs=2e-3 * abs(diff))
-    assert abs(rec["stats"]["completeness_gap"]) <= 0.01 * abs(diff)
 
 
 @pytest.mark.parametrize("kind", ["black", "mean"])
@@ -284,11 +322,18 @@ def test_quadrature_weights_sum_to_one_and_points_lie_in_unit_interval(rule, n):
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 64])
 def test_gauss_legendre_is_exact_to_degree_2n_minus_1(n):
-    """n-point Gauss-Legendre integrates a^d over [0, 1] exactly (1 / (d + 1)) for d <= 2n - 1, not for 2n."""
+    """n-point Gauss-Legendre integrates a^d over [0, 1] exactly (1 / (d + 1)) for every d <= 2n - 1."""
     a, w = quadrature("gausslegendre", n)
     for d in range(2 * n):
         assert float((w * a**d).sum()) == pytest.approx(1 / (d + 1), rel=1e-10, abs=1e-13)
-    assert abs(float((w * a ** (2 * n)).sum()) - 1 / (2 * n + 1)) > 1e-14
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_gauss_legendre_misses_degree_2n_by_the_textbook_error(n):
+    """For a^(2n), n-point Gauss-Legendre misses by (n!)^4 / ((2n + 1) ((2n)!)^2): it has exactly n nodes."""
+    a, w = quadrature("gausslegendre", n)
+    error = math.factorial(n) ** 4 / ((2 * n + 1) * math.factorial(2 * n) ** 2)
+    assert 1 / (2 * n + 1) - float((w * a ** (2 * n)).sum()) == pytest.approx(error, rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 51])

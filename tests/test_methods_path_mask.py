@@ -282,3 +282,30 @@ def test_rise_upsample_shapes_and_shift() -> None:
     up = torch.nn.functional.interpolate(cells[:1, None], size=(15, 15), mode="bilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(m[0], up[:h, :w])
     torch.testing.assert_close(m[1], up[1 : 1 + h, 2 : 2 + w])
+
+
+class NanAbove(nn.Module):
+    """`inner`, but every output is NaN for inputs whose first element exceeds `level` (NaN gradients too)."""
+
+    def __init__(self, inner: nn.Module, level: float) -> None:
+        super().__init__()
+        self.inner, self.level = inner, level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = x[:, 0, 0, 0] > self.level  # (N,)
+        return self.inner(x) * torch.where(bad, float("nan"), 1.0)[:, None]
+
+
+def test_ggig_drops_non_finite_gradients(net_inputs) -> None:
+    """Points whose score is NaN are left out and counted: the map is the max over the finite points only."""
+    net, x, target = net_inputs
+    x = x.clone()
+    x[:, 0, 0, 0] = 1.0  # with the zero baseline, path point a has first element a: NaN for a > 0.7
+    s, t = 6, 2
+    attr = ggig(GradientOracle(NanAbove(net, 0.7), batch_size=64), x, target, generators=_gens([0, 1]), ctx=_ctx(),
+                steps=s, iterations=t, step_size=0.0, baseline="mean", ggig_reduce="max")
+    alphas = torch.linspace(0, 1, s)
+    finite = alphas < 0.7
+    g = _path_gradients(net, x, target, alphas[finite])
+    torch.testing.assert_close(attr.maps, g.amax(1), rtol=1e-5, atol=1e-6)
+    assert (attr.stats["dropped_samples"] == int((~finite).sum()) * t).all()

@@ -18,8 +18,15 @@ ascent, so a large negative derivative is not evidence and must not win. Element
 negative at every point and step stay negative, which is why the default channel reduction is the signed
 `sum` (an abs-based reduction would turn those into salient pixels).
 
+`ggig_reduce` defaults to `max`, the method as published; `trapezoid` is the paper's variant. The maximum of
+many signed gradients is almost all positive (98 % of the elements on the sample cat), while the trapezoid
+mean keeps both signs (about 35 % negative), which the signed channel sum shows as well.
+
 Cost: T x (m+1) gradient passes per image. All path points of all images ascend at once: one oracle call per
-ascent step over the B*(m+1) points (the oracle chunks them by its batch size).
+ascent step over the B*(m+1) points (the oracle chunks them by its batch size). On CPU the defaults (5100
+passes) take minutes per image; the `cheap` setting, 11 points x 20 steps (220 passes), is about 23x cheaper.
+With lr 1e-4 the ascent moves the points little (about +0.25 logit over 20 steps on the bundled model), so the
+map stays close to the maximum of the straight-path gradients (correlation 0.96 with lr = 0 at that setting).
 """
 
 from __future__ import annotations
@@ -81,13 +88,17 @@ def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, gener
         g, score = oracle.gradients(points, targets)  # (B*S, C, H, W), (B*S,)
         ok = torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(score)  # (B*S,)
         dropped += (~ok).to(torch.int64)
-        okv = ok.view(-1, 1, 1, 1)
-        torch.maximum(best, torch.where(okv, g, float("-inf")), out=best)
+        if not bool(ok.all()):  # leave NaN/Inf gradients out of the max, and do not move their points
+            okv = ok.view(-1, 1, 1, 1)
+            torch.maximum(best, torch.where(okv, g, float("-inf")), out=best)
+            g = torch.where(okv, g, 0.0)
+        else:
+            torch.maximum(best, g, out=best)
         if t == 0:
             first = score
         last = score
         if t + 1 < iterations:  # the last step's update would never be evaluated
-            points.add_(torch.where(okv, g, 0.0), alpha=step_size)
+            points.add_(g, alpha=step_size)
     best = best.view(b, s, *x.shape[1:])  # (B*S, C, H, W) -> (B, S, C, H, W)
     seen = torch.isfinite(best.flatten(2)[:, :, 0])  # (B, S): the point had at least one finite gradient
     if ggig_reduce == "max":

@@ -7,7 +7,8 @@ The average of first-order Taylor terms of the target score around N random root
 
 It is signed; the default reduction is `abs-sum` because positive and negative relevance of neighbouring pixels
 almost cancel in a signed display of a photo (`--reduce sum` keeps the sign). For a linear score `w . x + b` it is
-`-mean_n e_n * w` (zero in expectation). `smoothtaylor_at` computes it for a given absolute sigma per image: the building block of the
+`-mean_n e_n * w` (zero in expectation).
+`smoothtaylor_at` computes it for a given absolute sigma per image: the building block of the
 adaptive-noise search, which calls it for each candidate sigma.
 """
 
