@@ -21,7 +21,8 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode and `requires_grad=False` on every parameter for the duration; both restored after."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    was_training = model.training
+    modules = list(model.modules())
+    modes = [m.training for m in modules]  # per module: a model may mix train and eval submodules
     try:
         for p in params:
             p.requires_grad_(False)
@@ -30,7 +31,8 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
 
 
 def _is_oom(error: BaseException) -> bool:
