@@ -21,6 +21,7 @@ from rich.console import Console
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from saliency_cli.errors import SaliencyError, UsageError  # noqa: E402
+from saliency_cli.options import parse_batch_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
@@ -116,13 +117,7 @@ def explain(
     from saliency_cli.api import ExplainOptions
     from saliency_cli.api import explain as run_explain
 
-    if batch_size == "auto":
-        batch: int | None = None
-    else:
-        try:
-            batch = int(batch_size)
-        except ValueError:
-            raise UsageError(f"--batch-size {batch_size!r}: expected a whole number or auto") from None
+    batch = parse_batch_size(batch_size)
     weight: float | str | None = weight_noise
     if weight_noise is not None and weight_noise != "auto":
         parsed = _floats(weight_noise, "--weight-noise")

@@ -40,9 +40,12 @@ def write_png(path: Path, image: Image.Image) -> None:
     _atomic(path, lambda f: image.save(f, format="PNG"), ".png")
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data), path.suffix)
+
+
 def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, default=str).encode()
-    _atomic(path, lambda f: f.write(text), ".json")
+    write_bytes(path, json.dumps(data, indent=2, default=str).encode())
 
 
 class Manifest:

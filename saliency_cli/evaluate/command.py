@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from saliency_cli.errors import UsageError
+from saliency_cli.options import parse_batch_size
 
 EXIT_GATE = 4
 err = Console(stderr=True, highlight=False)
@@ -77,13 +78,7 @@ def evaluate(
         return
     if not runs:
         raise UsageError("give at least one run folder (see saliency evaluate --help)")
-    if batch_size == "auto":
-        batch: int | None = None
-    else:
-        try:
-            batch = int(batch_size)
-        except ValueError:
-            raise UsageError(f"--batch-size {batch_size!r}: expected a whole number or auto") from None
+    batch = parse_batch_size(batch_size)
     opts = EvaluateOptions(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity) or [], fail_under=parse_bounds(fail_under, "--fail-under"),

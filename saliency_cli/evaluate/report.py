@@ -16,31 +16,16 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from saliency_cli.writers import write_bytes
 
 if TYPE_CHECKING:
     from saliency_cli.evaluate.run import Evaluation
 
 PLOT_DIR = "evaluation_plots"
 CURVE_PLOTS = ("deletion", "insertion", "aupc")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def csv_text(ev: Evaluation) -> str:
@@ -80,10 +65,10 @@ def write_reports(ev: Evaluation, out: Path, *, plots: bool = True) -> dict[str,
     """Write the JSON, the CSV and (with `plots`) the PNGs under `out`; returns {what: path}."""
     files: dict[str, str] = {}
     path = out / "evaluation.json"
-    _atomic_write(path, json.dumps(finite(ev.to_json()), indent=2, default=str, allow_nan=False).encode())
+    write_bytes(path, json.dumps(finite(ev.to_json()), indent=2, default=str, allow_nan=False).encode())
     files["json"] = str(path)
     path = out / "evaluation.csv"
-    _atomic_write(path, csv_text(ev).encode())
+    write_bytes(path, csv_text(ev).encode())
     files["csv"] = str(path)
     if plots:
         for name, p in write_plots(ev, out / PLOT_DIR).items():
@@ -108,7 +93,7 @@ def write_plots(ev: Evaluation, folder: Path) -> dict[str, str]:
 
     def save(fig: Any, name: str) -> None:
         path = folder / f"{name}.png"
-        _atomic_write(path, _figure_bytes(fig))
+        write_bytes(path, _figure_bytes(fig))
         written[name] = str(path)
 
     for metric in CURVE_PLOTS:
