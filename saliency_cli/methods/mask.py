@@ -23,7 +23,12 @@ Every evaluated mask M is accumulated: S = sum over chains and steps of M. The s
 
 The reference runs one chain of `iterations` sequential forward passes; here `chains` independent chains run
 as one batch for iterations // chains steps (same total of forward passes, up to the remainder), and the
-chains of all images of the batch go through the oracle together (it chunks by its batch size).
+chains of all images of the batch go through the oracle together (it chunks by its batch size). That pays
+off where a batch-1 forward pass is launch- or overhead-bound (GPUs); on a CPU the pass is compute-bound and a
+batch of chains costs about as much per pass as one chain (benchmarks/bench_mask_ggig.py).
+
+The map needs many passes: on the bundled model, two seeds' maps correlate 0.15-0.2 at 1280 passes, 0.16-0.50
+at 2560 (the `cheap` setting, 40 steps per chain) and 0.25-0.53 at the default 5000, depending on the image.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def saliency_from_sum(total: torch.Tensor) -> torch.Tensor:
           paper="Thakur & Fischmeister, ICPR 2020, arXiv:2006.09504",
           defaults={"grid": 8, "iterations": 5000, "chains": 64, "keep": 0.3, "baseline": "black"},
           stochastic=True, cost=lambda h: h["iterations"], reduce="max-abs", needs_gradients=False,
-          cheap={"iterations": 1280, "chains": 32})
+          cheap={"iterations": 2560, "chains": 64})
 def mask(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, generators: list[torch.Generator],
          ctx: Context, grid: int, iterations: int, chains: int, keep: float, baseline: str) -> Attribution:
     """The mask-optimisation saliency (B, C, H, W), the same [0, 1] map in every channel; see the module docstring.
