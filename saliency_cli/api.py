@@ -59,9 +59,10 @@ HYPER_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Inputs per forward/backward when `--batch-size auto`. On a 2-core CPU, chunks of 8 images of 224 px
-    ran fastest per sample (benchmarks/bench_explain.py); GPUs start large and back off on OOM."""
-    return {"cpu": 8, "mps": 16}.get(device.type, 64)
+    """Inputs per forward/backward when `--batch-size auto`. On a 2-core CPU, chunks of at most 16 images of
+    224 px ran fastest per sample (36 ms, against 40 at 8 and 52 at 50; benchmarks/bench_explain.py); GPUs start
+    large and back off on OOM."""
+    return {"cpu": 16, "mps": 16}.get(device.type, 64)
 
 
 @dataclass
