@@ -55,6 +55,11 @@ HYPER_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "confidence": (lambda v: 0 < float(v) < 1, "must be between 0 and 1"),
     "keep": (lambda v: 0 < float(v) < 1, "must be between 0 and 1"),
     "step_size": (lambda v: float(v) > 0, "must be positive"),
+    "objective": (lambda v: v in ("noise", "aupc"), "must be noise or aupc"),
+    "baseline": (lambda v: v in ("black", "mean", "blur", "uniform"), "must be black, mean, blur or uniform"),
+    "quadrature": (lambda v: v in ("gausslegendre", "riemann-left", "riemann-right", "riemann-middle", "trapezoid"),
+                   "must be gausslegendre, riemann-left, riemann-right, riemann-middle or trapezoid"),
+    "ggig_reduce": (lambda v: v in ("max", "trapezoid"), "must be max or trapezoid"),
 }
 
 
@@ -74,7 +79,7 @@ class ExplainOptions:
     model: str = "default"
     checkpoint: str | None = None
     methods: list[str] = field(default_factory=lambda: ["smoothgrad"])
-    noise: list[float] | None = None
+    noise: list[float | str] | None = None  # levels, or ["auto"] (smoothtaylor's adaptive noising)
     hyper: dict[str, Any] = field(default_factory=dict)
     target: str = "pred"
     device: str = "auto"
@@ -137,7 +142,14 @@ def validate(opts: ExplainOptions) -> list[str]:
     if opts.noise is not None:
         if not opts.noise:
             raise UsageError("--noise: give at least one level")
+        if "auto" in opts.noise:
+            others = [m for m in opts.methods if "noise" in REGISTRY[m].defaults and m != "smoothtaylor"]
+            if len(opts.noise) > 1 or others:
+                raise UsageError("--noise auto is smoothtaylor's adaptive noising: use it alone, with smoothtaylor"
+                                 + (f" (not {', '.join(others)})" if others else ""))
         for level in opts.noise:
+            if isinstance(level, str):
+                continue
             if not math.isfinite(level) or level < 0:
                 raise UsageError(f"--noise {level:g}: noise levels must be zero or positive")
     if opts.batch_size is not None and opts.batch_size < 1:

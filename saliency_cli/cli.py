@@ -74,7 +74,7 @@ def explain(
     checkpoint: Checkpoint = None,
     method: Annotated[str, typer.Option(help="Method name, or a comma list (see `saliency methods`)")] = "smoothgrad",
     noise: Annotated[str | None, typer.Option(help="Noise level relative to each image's range; a comma list "
-                                              "sweeps, one map per level")] = None,
+                                              "sweeps, one map per level; smoothtaylor: auto")] = None,
     samples: Annotated[int | None, typer.Option("--samples", "-n", help="Noise samples per image")] = None,
     steps: Annotated[int | None, typer.Option(help="Path points (integrated-gradients, ggig)")] = None,
     baseline: Annotated[str | None, typer.Option(help="black, mean, blur or uniform")] = None,
@@ -86,6 +86,8 @@ def explain(
     iterations: Annotated[int | None, typer.Option(help="ggig ascent steps; mask forward passes")] = None,
     step_size: Annotated[float | None, typer.Option(help="ggig ascent step size")] = None,
     ggig_reduce: Annotated[str | None, typer.Option(help="ggig: max or trapezoid over path points")] = None,
+    objective: Annotated[str | None, typer.Option(help="smoothtaylor --noise auto: minimise noise (AUTVC) or "
+                                                  "aupc")] = None,
     grid: Annotated[int | None, typer.Option(help="mask: cells per side")] = None,
     chains: Annotated[int | None, typer.Option(help="mask: independent chains run as one batch")] = None,
     keep: Annotated[float | None, typer.Option(help="mask: initial on-fraction of cells")] = None,
@@ -126,11 +128,13 @@ def explain(
         weight = parsed[0]
     hyper = {"samples": samples, "steps": steps, "baseline": baseline, "quadrature": quadrature,
              "weight_noise": weight, "models": models, "confidence": confidence, "iterations": iterations,
-             "step_size": step_size, "ggig_reduce": ggig_reduce, "grid": grid, "chains": chains, "keep": keep}
+             "step_size": step_size, "ggig_reduce": ggig_reduce,
+             "objective": objective, "grid": grid, "chains": chains, "keep": keep}
     stdin_lines = sys.stdin.read().splitlines() if "-" in inputs else None
     opts = ExplainOptions(
         inputs=inputs, out=out, model=model, checkpoint=checkpoint,
-        methods=[m.strip() for m in method.split(",") if m.strip()], noise=_floats(noise, "--noise"),
+        methods=[m.strip() for m in method.split(",") if m.strip()],
+        noise=["auto"] if noise == "auto" else _floats(noise, "--noise"),
         hyper=hyper, target=target, device=device, precision=precision, batch_size=batch, seed=seed,
         reduce=reduce, score=score, colormap=colormap, alpha=alpha, percentile=percentile,
         overwrite=overwrite, cheap=cheap,

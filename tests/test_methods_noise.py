@@ -91,7 +91,7 @@ def test_registrations_carry_defaults_cost_and_display() -> None:
         "noisegrad": ({"weight_noise": "auto", "models": 10}, 10, "abs-sum"),
         "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10}, 100, "abs-sum"),
         "adaptgrad": ({"confidence": 0.95, "samples": 50}, 51, "abs-sum"),
-        "smoothtaylor": ({"noise": 0.106, "samples": 150}, 150, "abs-sum"),
+        "smoothtaylor": ({"noise": 0.106, "samples": 150, "objective": "noise"}, 150, "abs-sum"),
     }
     for name, (defaults, cost, reduce) in expected.items():
         method = REGISTRY[name]
@@ -322,3 +322,26 @@ def test_calibrate_weight_noise_finds_about_five_percent_loss_and_is_determinist
     assert weight_noise_agreement(oracle, x, s * 1.02, seed=0, models=8) < 0.95
     assert weight_noise_agreement(oracle, x, 0.0, seed=0, models=8) == 1.0
     assert weight_noise_agreement(oracle, x, 3 * s, seed=0, models=8) < 0.95
+
+
+# -- adaptive noising ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["noise", "aupc"])
+def test_smoothtaylor_auto_picks_a_sigma_no_worse_than_the_start_and_reports_its_map(objective: str) -> None:
+    """noise='auto': the chosen sigma's objective is <= the objective at the start (mean|x|), both recomputed
+    independently, and the map is SmoothTaylor at the chosen sigma with the same draws."""
+    from saliency_cli.evaluate.run import score_maps
+
+    model, x = tiny_cnn(), images(2)
+    oracle = GradientOracle(model, batch_size=16)
+    target = torch.tensor([1, 3])
+    result = REGISTRY["smoothtaylor"].fn(oracle, x, target, generators=gens(4, 5), ctx=CTX, noise="auto",
+                                         samples=6, objective=objective)
+    unit = gaussian(gens(4, 5), 6, x)
+    chosen = result.stats["sigma"]
+    again = smoothtaylor_at(oracle, x, target, chosen, unit)
+    torch.testing.assert_close(result.maps, again.maps)
+    start = smoothtaylor_at(oracle, x, target, x.abs().flatten(1).mean(1), unit)
+    value_start = score_maps(objective, oracle, x, target, start.maps, CTX)
+    value_chosen = score_maps(objective, oracle, x, target, again.maps, CTX)
+    assert torch.all(value_chosen <= value_start + 1e-6)
+    torch.testing.assert_close(result.stats["objective"], value_chosen.float())
