@@ -206,7 +206,7 @@ def make_jobs(opts: ExplainOptions, source: dict[str, Any], data_config: dict[st
         base = {**method.defaults, **(method.cheap if opts.cheap else {}), **given}
         levels: list[float | None] = [None]
         if "noise" in method.defaults and opts.noise is not None:
-            levels = list(opts.noise) if len(opts.noise) > 1 else [None]
+            levels = [float(v) for v in opts.noise] if len(opts.noise) > 1 else [None]  # a sweep is numeric
             if len(opts.noise) == 1:
                 base["noise"] = opts.noise[0]
         for level in levels:

@@ -53,6 +53,10 @@ def _floats(text: str | None, option: str) -> list[float] | None:
         raise UsageError(f"{option} {text!r}: expected numbers separated by commas") from None
 
 
+def _levels(values: list[float] | None) -> list[float | str] | None:
+    return None if values is None else [*values]
+
+
 def _data_overrides(input_size: str | None, mean: str | None, std: str | None, crop_pct: float | None,
                     interpolation: str | None) -> dict[str, Any]:
     size = _floats(input_size, "--input-size")
@@ -134,7 +138,7 @@ def explain(
     opts = ExplainOptions(
         inputs=inputs, out=out, model=model, checkpoint=checkpoint,
         methods=[m.strip() for m in method.split(",") if m.strip()],
-        noise=["auto"] if noise == "auto" else _floats(noise, "--noise"),
+        noise=["auto"] if noise == "auto" else _levels(_floats(noise, "--noise")),
         hyper=hyper, target=target, device=device, precision=precision, batch_size=batch, seed=seed,
         reduce=reduce, score=score, colormap=colormap, alpha=alpha, percentile=percentile,
         overwrite=overwrite, cheap=cheap,
@@ -195,7 +199,7 @@ def list_methods(json_out: JsonOut = False) -> None:
     """Every method: summary, paper, defaults, whether it is stochastic, and its cost per image."""
     from saliency_cli.methods import REGISTRY
 
-    rows = [{"name": m.name, "summary": m.summary, "paper": m.paper, "defaults": m.defaults,
+    rows: list[dict[str, Any]] = [{"name": m.name, "summary": m.summary, "paper": m.paper, "defaults": m.defaults,
              "stochastic": m.stochastic, "cost": m.cost(m.defaults), "reduce": m.reduce,
              "needs_gradients": m.needs_gradients, "cheap": m.cheap,
              "cheap_cost": m.cost({**m.defaults, **m.cheap}) if m.cheap else None}

@@ -86,7 +86,7 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
     if not data:
         raise ImageError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
     except UnidentifiedImageError:
         raise ImageError("not an image in a known format (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None

@@ -33,8 +33,8 @@ class LoadedModel:
     def device(self) -> torch.device:
         for t in self.module.parameters():
             return t.device
-        for t in self.module.buffers():
-            return t.device
+        for b in self.module.buffers():
+            return b.device
         return torch.device("cpu")
 
     def label(self, index: int) -> str:
@@ -104,6 +104,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
+    state: Any
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -176,6 +177,7 @@ def _timm_model(name: str, checkpoint: str | None) -> tuple[torch.nn.Module, dic
 
     if not timm.is_model(name.removeprefix("timm/").split(".")[0]) and not name.startswith("hf-hub:"):
         raise ModelError(f"model {name!r} is neither 'default', a timm model name nor an existing file")
+    module: Any  # timm models carry pretrained_cfg and num_classes
     if checkpoint is None:
         _offline_unless_reachable()
         try:
@@ -238,7 +240,7 @@ def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
         size = (3, size, size)
     elif len(size) == 2:
         size = (3, *size)
-    out = {
+    out: dict[str, Any] = {
         "input_size": tuple(int(s) for s in size),
         "interpolation": str(cfg.get("interpolation") or "bilinear"),
         "mean": tuple(float(v) for v in cfg["mean"]),

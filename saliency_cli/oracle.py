@@ -37,8 +37,9 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _is_oom(error: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
-    return isinstance(error, oom) or "out of memory" in str(error).lower()
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if isinstance(k, type))
+    return isinstance(error, kinds) or "out of memory" in str(error).lower()
 
 
 class GradientOracle:
