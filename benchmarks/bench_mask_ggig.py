@@ -23,29 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _samples import load_images  # noqa: E402 - benchmarks/ is the script folder
 
-from saliency_cli.data import decode, file_digest, image_seed, input_bounds, preprocess
+from saliency_cli.data import image_seed, input_bounds
 from saliency_cli.methods import REGISTRY, Context
 from saliency_cli.models import load_model
 from saliency_cli.oracle import GradientOracle
-
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
-
-
-def load_images(n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
-    """The first n sample images, preprocessed: (n, C, H, W), and their digests (for the per-image seeds)."""
-    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:n]
-    xs, digests = [], []
-    for f in files:
-        data = f.read_bytes()
-        x, _ = preprocess(decode(data), cfg)
-        xs.append(x)
-        digests.append(file_digest(data))
-    return torch.stack(xs), digests
 
 
 def generators(digests: list[str], seed: int = 0) -> list[torch.Generator]:

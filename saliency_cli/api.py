@@ -485,8 +485,12 @@ class Run:
         rel = f"{d.item.key}.{name}"
         return self.opts.out / rel, rel
 
+    def _params(self, job: Job) -> dict[str, Any]:
+        """Every hyper-parameter used, with the run's seed, reduction and score."""
+        return {**job.hyper, "seed": self.opts.seed, "reduce": job.reduce, "score": self.opts.score}
+
     def _record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
-        params = {**job.hyper, "seed": self.opts.seed, "reduce": job.reduce, "score": self.opts.score}
+        params = self._params(job)
         rec: dict[str, Any] = {
             "image": str(d.item.path), "key": d.item.key, "status": status, "error": error,
             "method": job.method.name, "params": params, "target": None, "label": None, "score": None,
@@ -513,7 +517,7 @@ class Run:
             self._emit(self._record(d, job, status="error", error=_first_line(e), target=cls,
                                     label=self.model.label(cls), score=prob))
             return None
-        params = {**self._record(d, job, status="ok")["params"]}
+        params = self._params(job)
         if "sigma" in stats:
             params["sigma"] = stats.pop("sigma")
         rec = self._record(d, job, status="ok", target=cls, label=self.model.label(cls), score=_clean(prob),

@@ -113,9 +113,7 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
     return img
 
 
-_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-           "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
-           "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+_INTERPOLATIONS = {"bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"}  # torchvision's names
 
 
 def crop_geometry(width: int, height: int, cfg: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -148,8 +146,8 @@ def preprocess(img: Image.Image, cfg: dict[str, Any]) -> tuple[torch.Tensor, lis
 
     c, th, tw = cfg["input_size"]
     (rw, rh), (left, top, right, bottom) = crop_geometry(img.width, img.height, cfg)
-    interp = F.InterpolationMode(cfg["interpolation"]) if cfg["interpolation"] in _INTERP else (
-        F.InterpolationMode.BILINEAR)
+    name = cfg["interpolation"] if cfg["interpolation"] in _INTERPOLATIONS else "bilinear"
+    interp = F.InterpolationMode(name)
     resized = F.resize(img, [rh, rw], interpolation=interp, antialias=True)
     cropped = F.crop(resized, top, left, th, tw)  # pads with zeros if the crop leaves the image
     x = F.to_tensor(cropped)
