@@ -5,7 +5,7 @@
 
 (a) floor: a hand-written batched forward+backward of the same noisy samples (x + noise precomputed, parameters'
     requires_grad off, eval mode, autograd.grad of the summed target logits), at its best chunk size.
-(b) this library: saliency_cli.methods.REGISTRY["smoothgrad"].fn through GradientOracle(batch_size=
+(b) this library: saliency_cli.methods.METHODS["smoothgrad"].fn through GradientOracle(batch_size=
     default_batch_size(cpu)); (b') the whole `explain` API (decode, preprocess, write .npy/.png/manifest).
 (c) Captum: NoiseTunnel(Saliency(model)), nt_type "smoothgrad", the same absolute sigma, abs=False, with the default
     nt_samples_batch_size (all samples at once) and with its best one.
@@ -80,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from saliency_cli.api import ExplainOptions, default_batch_size, explain
+    from saliency_cli.api import ExplainOptions, explain
     from saliency_cli.data import decode, discover, file_digest, image_seed, input_bounds, preprocess
-    from saliency_cli.methods import REGISTRY, Context
+    from saliency_cli.methods import METHODS, MethodContext
     from saliency_cli.methods.base import gaussian, relative_sigma
     from saliency_cli.models import load_model
-    from saliency_cli.oracle import GradientOracle
+    from saliency_cli.oracle import GradientOracle, default_batch_size
 
     device = torch.device("cpu")
     chunks = [int(c) for c in args.chunks.split(",")]
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         targets = model(x).argmax(1).tolist()
     k = len(items)
-    lo, hi = input_bounds(loaded.data_config)
-    ctx = Context(lo=lo, hi=hi, seed=0)
+    ctx = MethodContext(input_bounds(loaded.data_config), seed=0)
     sigma = relative_sigma(x, noise)  # (B,) absolute sigma per image
     # The same noisy samples the library draws: each image's generator seeded from (seed 0, its bytes).
     noisy = [x[i] + gaussian([torch.Generator().manual_seed(seeds[i])], n, x[i:i + 1])[0] * sigma[i]
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_library(chunk: int) -> list[torch.Tensor]:
         oracle = GradientOracle(model, batch_size=chunk)
-        fn = REGISTRY["smoothgrad"].fn
+        fn = METHODS["smoothgrad"].fn
         return [fn(oracle, x[i:i + 1], torch.tensor([targets[i]]),
                    generators=[torch.Generator().manual_seed(seeds[i])], ctx=ctx, noise=noise, samples=n).maps[0]
                 for i in range(k)]
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| | seconds / image | ratio |")
     print("| --- | ---: | --- |")
     print(f"| (a) plain batched forward+backward, best chunk {best_chunk} | {a_time:.3f} | |")
-    print(f"| (b) saliency smoothgrad (REGISTRY fn, chunk {default_chunk}) | {b_time:.3f} | "
+    print(f"| (b) saliency smoothgrad (METHODS fn, chunk {default_chunk}) | {b_time:.3f} | "
           f"b/a = {b_time / a_time:.2f} |")
     if bp_time is not None:
         print(f"| (b') saliency `explain` API (decode, write, manifest) | {bp_time:.3f} | "

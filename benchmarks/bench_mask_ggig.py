@@ -29,7 +29,7 @@ import torch
 from _samples import load_images  # noqa: E402 - benchmarks/ is the script folder
 
 from saliency_cli.data import image_seed, input_bounds
-from saliency_cli.methods import REGISTRY, Context
+from saliency_cli.methods import METHODS, MethodContext
 from saliency_cli.models import load_model
 from saliency_cli.oracle import GradientOracle
 
@@ -83,8 +83,7 @@ def main() -> None:
 
     model = load_model("default", device="cpu")
     x, digests = load_images(args.images, model.data_config)
-    lo, hi = input_bounds(model.data_config)
-    ctx = Context(lo=lo, hi=hi, seed=0)
+    ctx = MethodContext(input_bounds(model.data_config), seed=0)
     target = GradientOracle(model.module, batch_size=8).logits(x).argmax(1)  # also warms the model up
     b = x.shape[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {b} images, "
@@ -95,7 +94,7 @@ def main() -> None:
         print(f"| {name} | {seconds or ' | '} | {note} |", flush=True)
 
     # (a) mask ----------------------------------------------------------------------------------------------
-    mask = REGISTRY["mask"]
+    mask = METHODS["mask"]
     passes = args.mask_passes
     hyper = {**mask.defaults, "iterations": passes}
     seq_oracle = GradientOracle(model.module, batch_size=1)
@@ -122,7 +121,7 @@ def main() -> None:
     row(f"mask cheap {mask.cheap}", best.per(b * passes / mask.cost(cheap)), "extrapolated")
 
     # (b) ggig ----------------------------------------------------------------------------------------------
-    ggig = REGISTRY["ggig"]
+    ggig = METHODS["ggig"]
     oracle = GradientOracle(model.module, batch_size=args.ggig_batch_size)
     one = slice(0, 1)  # one image: 51 path points already fill several oracle batches
     reduced = {**ggig.defaults, "iterations": args.ggig_iterations}

@@ -24,7 +24,7 @@ import torch
 from _samples import load_images  # noqa: E402 - benchmarks/ is the script folder
 
 from saliency_cli.data import image_seed, input_bounds
-from saliency_cli.methods import REGISTRY, Context
+from saliency_cli.methods import METHODS, MethodContext
 from saliency_cli.methods.noisegrad import FUSION_NOISE, weight_generator
 from saliency_cli.models import load_model
 from saliency_cli.oracle import GradientOracle
@@ -50,14 +50,14 @@ def reference_fusiongrad(model: torch.nn.Module, x: torch.Tensor, target: int, s
 
 
 def time_draws(oracle: GradientOracle, model: torch.nn.Module, draws: int, s: float) -> tuple[float, float]:
-    """Median seconds per weight-noise draw: ours (`weights_perturbed`) and reference-style (load_state_dict of
+    """Median seconds per weight-noise draw: ours (`parameters_edited`) and reference-style (load_state_dict of
     a deep copy's clean state, then `mul_` by Normal(1, s) samples). Medians, because the machine is shared."""
     ours: list[float] = []
-    with oracle.weights_perturbed() as perturb:
-        perturb(weight_generator(0, 0, "cpu"), s)  # warm-up
+    with oracle.parameters_edited() as editor:
+        editor.scale_by_noise(weight_generator(0, 0, "cpu"), s)  # warm-up
         for m in range(draws):
             t0 = time.perf_counter()
-            perturb(weight_generator(0, m, "cpu"), s)
+            editor.scale_by_noise(weight_generator(0, m, "cpu"), s)
             ours.append(time.perf_counter() - t0)
     net = copy.deepcopy(model)
     clean = copy.deepcopy(net.state_dict())
@@ -91,15 +91,14 @@ def main() -> None:
     loaded = load_model("default", device="cpu")
     model = loaded.module.eval()
     x, digests = load_images(args.images, loaded.data_config)
-    lo, hi = input_bounds(loaded.data_config)
-    ctx = Context(lo=lo, hi=hi, seed=0)
+    ctx = MethodContext(input_bounds(loaded.data_config), seed=0)
     oracle = GradientOracle(model, batch_size=args.batch_size)
     target = oracle.logits(x).argmax(1)
     hyper = {"weight_noise": args.weight_noise, "models": args.models, "noise": FUSION_NOISE, "samples": args.samples}
     mn = f"{args.models} x {args.samples}"
     rows: list[tuple[str, str, float]] = []
 
-    fusion = REGISTRY["fusiongrad"].fn
+    fusion = METHODS["fusiongrad"].fn
     fusion(oracle, x[:1], target[:1], generators=[torch.Generator().manual_seed(0)], ctx=ctx,
            **{**hyper, "models": 1, "samples": 1})  # warm-up
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from saliency_cli.errors import ImageError, UsageError
+from saliency_cli.numerics import derive_seed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -75,8 +76,7 @@ def file_digest(data: bytes) -> str:
 
 def image_seed(run_seed: int, digest: str) -> int:
     """The seed of one image's generator: a function of the run seed and the file's bytes only."""
-    h = hashlib.sha256(f"{run_seed}:{digest}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    return derive_seed(run_seed, digest)
 
 
 def decode(data: bytes, name: str = "image") -> Image.Image:
@@ -168,8 +168,46 @@ def visible_region(img: Image.Image, box: list[float]) -> Image.Image:
     return img.crop(clipped)
 
 
-def input_bounds(cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class InputRange:
+    """The valid values of a normalised input, per channel: pixel value 0 maps to `lo`, 1 to `hi`; (C, 1, 1) each.
+
+    AdaptGrad's per-element noise, the `black` and `uniform` baselines and the uniform infill of `aupc` need it.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def to(self, device: torch.device | str) -> InputRange:
+        return InputRange(self.lo.to(device), self.hi.to(device))
+
+
+def input_bounds(cfg: dict[str, Any]) -> InputRange:
     """Per-channel bounds of a normalised input, [(0 - mean)/std, (1 - mean)/std], shaped (C, 1, 1)."""
     mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32).view(-1, 1, 1)
-    return (0 - mean) / std, (1 - mean) / std
+    return InputRange((0 - mean) / std, (1 - mean) / std)
+
+
+def baseline(x: torch.Tensor, kind: str, bounds: InputRange, generators: list[torch.Generator]) -> torch.Tensor:
+    """Reference inputs of paths, masks and perturbation metrics, defined in pixel space and then normalised
+    like x: (B, C, H, W).
+
+    black: pixel value 0. mean: the normalisation mean colour (0 in normalised space). blur: the image under a
+    Gaussian blur (sigma 5 % of its side; blur commutes with the per-channel affine normalisation). uniform:
+    uniform random pixels from each image's generator.
+    """
+    if kind == "black":
+        return bounds.lo.expand_as(x[0]).expand_as(x).clone()
+    if kind == "mean":
+        return torch.zeros_like(x)
+    if kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        sigma = max(1.0, 0.05 * min(x.shape[-2:]))
+        size = 2 * math.ceil(3 * sigma) + 1
+        return gaussian_blur(x, [size, size], [sigma, sigma])
+    if kind == "uniform":
+        u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device) for g in generators])
+        return bounds.lo + u * (bounds.hi - bounds.lo)
+    raise ValueError(f"unknown baseline {kind!r}")

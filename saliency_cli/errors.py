@@ -1,29 +1,50 @@
-"""Library exceptions. The CLI maps each class to an exit code in one place (cli.py)."""
+"""Library exceptions and exit codes. The CLI maps each exception to its exit code in one place (cli/app.py)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The process exit codes of every command (README: Exit codes)."""
+
+    OK = 0
+    FATAL = 1  # the model cannot be loaded, the output folder is not writable
+    USAGE = 2  # a bad option or value, a missing input
+    PARTIAL = 3  # finished, but some inputs failed (each failure is recorded)
+    GATE = 4  # a --fail-under / --fail-over gate failed
+    INTERRUPTED = 130  # Ctrl-C
 
 
 class SaliencyError(Exception):
     """Base class: a problem the user can fix, reported as one line."""
 
-    exit_code = 1
+    exit_code = ExitCode.FATAL
 
 
 class UsageError(SaliencyError):
     """A bad option or value (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ModelError(SaliencyError):
     """The model cannot be loaded or does not fit the inputs (exit 1)."""
 
-    exit_code = 1
+    exit_code = ExitCode.FATAL
 
 
 class OutputError(SaliencyError):
     """The output folder cannot be written (exit 1)."""
 
-    exit_code = 1
+    exit_code = ExitCode.FATAL
 
 
 class ImageError(SaliencyError):
     """One input image cannot be used; recorded in the manifest, the run goes on."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """`TypeName: first line of the message` (cut to `limit` characters): how a failure is recorded."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__

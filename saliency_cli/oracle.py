@@ -1,4 +1,4 @@
-"""The gradient oracle: the only place in saliency that calls autograd.
+"""The gradient oracle: the only place in saliency that calls autograd or writes a model's parameters.
 
 Every method asks it for `d score_y / d x` of many inputs at once. It runs the model in eval mode with the
 parameters' `requires_grad` switched off (restored afterwards), pushes the inputs through in chunks of at most
@@ -40,6 +40,13 @@ def _is_oom(error: BaseException) -> bool:
     kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
                   if isinstance(k, type))
     return isinstance(error, kinds) or "out of memory" in str(error).lower()
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Inputs per forward/backward when `--batch-size auto`. On a 2-core CPU, chunks of at most 16 images of
+    224 px ran fastest per sample (36 ms, against 40 at 8 and 52 at 50; benchmarks/bench_explain.py); GPUs start
+    large and back off on OOM."""
+    return {"cpu": 16, "mps": 16}.get(device.type, 64)
 
 
 class GradientOracle:
@@ -136,29 +143,63 @@ class GradientOracle:
             self._chunked(x.shape[0], run)
         return grads, scores
 
+    def parameter_device(self) -> torch.device | None:
+        """Where the model's parameters live (None: the model exposes none, e.g. a frozen TorchScript module)."""
+        for p in self.model.parameters():
+            return p.device
+        return None
+
     @contextlib.contextmanager
-    def weights_perturbed(self) -> Iterator[Callable[[torch.Generator, float], None]]:
-        """Multiplicative weight noise, always undone.
-
-        Yields `perturb(generator, s)`, which sets every parameter to `p0 * eta` with `eta ~ N(1, s^2)`
-        elementwise, where `p0` is a clean copy taken once on entry (so draws never compound). Buffers (e.g.
-        BatchNorm running statistics) are untouched. The clean values are written back in `finally`.
-        """
-        params = [p for p in self.model.parameters()]
+    def parameters_edited(self) -> Iterator[ParameterEditor]:
+        """Write the model's parameters for the duration, always undone: yields a `ParameterEditor` over one clean
+        copy of every parameter taken on entry (so edits never compound); the clean values are written back in
+        `finally`. Buffers (e.g. BatchNorm running statistics) are never touched."""
+        params = list(self.model.parameters())
         clean = [p.detach().clone() for p in params]
-
-        def perturb(generator: torch.Generator, s: float) -> None:
-            with torch.no_grad():
-                for p, p0 in zip(params, clean, strict=True):
-                    # Two kernels per parameter (draw eta in place, then p = p0 * eta) and one temporary: the
-                    # draw is on the critical path, and this took 13 ms instead of 21 ms for `p0 + p0 * randn * s`
-                    # on the bundled model (2 idle CPU cores). s = 0 gives eta = 1, so p = p0 exactly.
-                    eta = torch.empty_like(p0).normal_(1.0, s, generator=generator)
-                    torch.mul(p0, eta, out=p)
-
         try:
-            yield perturb
+            yield ParameterEditor(params, clean)
         finally:
             with torch.no_grad():
                 for p, p0 in zip(params, clean, strict=True):
                     p.copy_(p0)
+
+
+class ParameterEditor:
+    """Edits of a model's parameters from their clean values `p0` (see `GradientOracle.parameters_edited`)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], clean: list[torch.Tensor]) -> None:
+        self.params = params
+        self.clean = clean
+        self._clean_of = {id(p): p0 for p, p0 in zip(params, clean, strict=True)}
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.params[0].device if self.params else None
+
+    def scale_by_noise(self, generator: torch.Generator, s: float) -> None:
+        """Every parameter `p = p0 * eta`, `eta ~ N(1, s^2)` elementwise (NoiseGrad's noisy model). s = 0 gives p0."""
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.clean, strict=True):
+                # Two kernels per parameter (draw eta in place, then p = p0 * eta) and one temporary: the draw is on
+                # the critical path, and this took 13 ms instead of 21 ms for `p0 + p0 * randn * s` on the bundled
+                # model (2 idle CPU cores).
+                eta = torch.empty_like(p0).normal_(1.0, s, generator=generator)
+                torch.mul(p0, eta, out=p)
+
+    def add_scaled_noise(self, generator: torch.Generator, t: float) -> None:
+        """Every parameter tensor `W = W0 + t * std(W0) * N(0, 1)` (GGIG's model-perturbation check)."""
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.clean, strict=True):
+                std = p0.float().std(unbiased=False)
+                draw = torch.randn(p0.shape, generator=generator, device=p0.device, dtype=torch.float32)
+                p.copy_((p0.float() + float(t) * std * draw).to(p.dtype))
+
+    def redraw(self, params: list[torch.nn.Parameter], generator: torch.Generator) -> None:
+        """Each of `params` re-drawn as N(mean(p0), std(p0)^2) elementwise: a re-initialisation that keeps the
+        tensor's scale (cascading randomisation)."""
+        with torch.no_grad():
+            for p in params:
+                p0 = self._clean_of.get(id(p), p.detach())
+                mean, std = p0.float().mean(), p0.float().std(unbiased=False)
+                draw = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+                p.copy_((mean + std * draw).to(p.dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -30,6 +31,17 @@ def _atomic(path: Path, write: Any, suffix: str) -> None:
         except OSError:
             pass
         raise
+
+
+def finite(value: Any) -> Any:
+    """A copy of nested lists/dicts with NaN and infinities as None (JSON has no NaN): the one JSON sanitiser."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

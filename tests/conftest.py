@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saliency_cli.data import input_bounds
-from saliency_cli.methods import Context
+from saliency_cli.methods import MethodContext
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SIZE = 32  # side of the tiny model's inputs in the fast tests
@@ -57,10 +57,9 @@ def tiny_vit() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def tiny_ctx() -> Context:
+def tiny_ctx() -> MethodContext:
     """Input bounds of TINY_CONFIG (mean = std = 0.5: every channel spans [-1, 1])."""
-    lo, hi = input_bounds(TINY_CONFIG)
-    return Context(lo=lo, hi=hi, seed=0)
+    return MethodContext(input_bounds(TINY_CONFIG), seed=0)
 
 
 def make_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from saliency_cli.errors import UsageError
-from saliency_cli.evaluate import REGISTRY, SANITY, Batch, EvaluateOptions, evaluate_runs
-from saliency_cli.evaluate.base import average_ranks, flat_rank, mean_ci95, perturbation_curve, spearman
-from saliency_cli.evaluate.faithfulness import window_order
-from saliency_cli.evaluate.localisation import box_region, lookup, mask_region, read_boxes
-from saliency_cli.evaluate.run import _recomputer, gates
-from saliency_cli.evaluate.sanity import cascade_stages, layer_units, perturbation, randomization
-from saliency_cli.evaluate.smoothness import gini
-from saliency_cli.methods import REGISTRY as METHODS
-from saliency_cli.methods.base import Attribution, Context, Method
+from saliency_cli.data import InputRange
+from saliency_cli.errors import SaliencyError, UsageError
+from saliency_cli.methods import METHODS
+from saliency_cli.methods.base import Attribution, Method, MethodContext
+from saliency_cli.metrics import METRICS, SANITY_CHECKS, Batch
+from saliency_cli.metrics.base import flat_rank, perturbation_curve
+from saliency_cli.metrics.faithfulness import window_order
+from saliency_cli.metrics.localisation import box_region, lookup, mask_region, read_boxes
+from saliency_cli.metrics.sanity import cascade_stages, layer_units, perturbation, randomization
+from saliency_cli.metrics.smoothness import gini
+from saliency_cli.numerics import average_ranks, mean_ci95, spearman
 from saliency_cli.oracle import GradientOracle
+from saliency_cli.pipeline.evaluate import EvaluateOptions, evaluate_runs, gates, recomputer
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 16  # side of the synthetic images
@@ -64,9 +66,9 @@ def block_batch() -> Batch:
     ramp = torch.linspace(0, 1e-3, SIDE * SIDE).view(SIDE, SIDE)
     good = block_mask().float() + ramp
     reverse = good.max() - good
-    ctx = Context(lo=-2 * torch.ones(3, 1, 1), hi=2 * torch.ones(3, 1, 1))
+    bounds = InputRange(lo=-2 * torch.ones(3, 1, 1), hi=2 * torch.ones(3, 1, 1))
     return Batch(oracle=GradientOracle(model, batch_size=16), x=x, target=torch.zeros(2, dtype=torch.long),
-                 maps=torch.stack([good, reverse]), ctx=ctx, baseline="mean", seeds=[1, 1])
+                 maps=torch.stack([good, reverse]), bounds=bounds, baseline="mean", seeds=[1, 1])
 
 
 def small_cnn(seed: int = 0) -> torch.nn.Module:
@@ -82,7 +84,7 @@ def small_cnn(seed: int = 0) -> torch.nn.Module:
 
 
 def edge_detector(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-                  generators: list[torch.Generator], ctx: Context) -> Attribution:
+                  generators: list[torch.Generator], ctx: MethodContext) -> Attribution:
     """|horizontal| + |vertical| finite differences of the input: a 'map' that never asks the model."""
     dx, dy = torch.zeros_like(x), torch.zeros_like(x)
     dx[..., :, 1:] = x[..., :, 1:] - x[..., :, :-1]
@@ -94,20 +96,20 @@ EDGE = Method("test-edge", edge_detector, "edges of the input", "-", {}, False, 
 
 
 @pytest.fixture
-def cnn_case() -> tuple[torch.nn.Module, GradientOracle, torch.Tensor, torch.Tensor, Context]:
+def cnn_case() -> tuple[torch.nn.Module, GradientOracle, torch.Tensor, torch.Tensor, MethodContext]:
     model = small_cnn()
     x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
     oracle = GradientOracle(model, batch_size=8)
     target = oracle.logits(x).argmax(1)
-    ctx = Context(lo=-3 * torch.ones(3, 1, 1), hi=3 * torch.ones(3, 1, 1))
+    ctx = MethodContext(InputRange(lo=-3 * torch.ones(3, 1, 1), hi=3 * torch.ones(3, 1, 1)))
     return model, oracle, x, target, ctx
 
 
 # -- faithfulness -----------------------------------------------------------------------------------------
 def test_deletion_and_insertion_prefer_the_map_that_ranks_decisive_pixels_first(block_batch: Batch) -> None:
     """Deletion AUC: decisive-first map << its reverse; insertion AUC: decisive-first >> reverse."""
-    d = REGISTRY["deletion"].fn(block_batch, steps=32)
-    i = REGISTRY["insertion"].fn(block_batch, steps=32)
+    d = METRICS["deletion"].fn(block_batch, steps=32)
+    i = METRICS["insertion"].fn(block_batch, steps=32)
     assert d.values[0] < 0.15 < 0.85 < d.values[1]
     assert i.values[0] > 0.85 > 0.15 > i.values[1]
     assert d.curves is not None and d.curves.shape == (2, 33)
@@ -131,7 +133,7 @@ def test_perturbation_curve_matches_one_input_at_a_time(block_batch: Batch) -> N
 
 def test_aupc_prefers_the_map_that_ranks_decisive_pixels_first(block_batch: Batch) -> None:
     """Uniform-noise windows over the decisive block first drop the normalised logit sooner."""
-    s = REGISTRY["aupc"].fn(block_batch, window=4, regions=8)
+    s = METRICS["aupc"].fn(block_batch, window=4, regions=8)
     assert s.values[0] < s.values[1]
     assert s.curves is not None and torch.allclose(s.curves[:, 0], torch.ones(2))
 
@@ -148,8 +150,8 @@ def test_window_order_picks_the_hot_window_first_and_never_overlaps() -> None:
 
 def test_keep_and_remove_report_whether_the_prediction_survives(block_batch: Batch) -> None:
     """Keeping the 10 % top pixels keeps the class only for the decisive-first map; removing them flips it."""
-    keep = REGISTRY["keep"].fn(block_batch, fraction=0.1).values
-    remove = REGISTRY["remove"].fn(block_batch, fraction=0.1).values
+    keep = METRICS["keep"].fn(block_batch, fraction=0.1).values
+    remove = METRICS["remove"].fn(block_batch, fraction=0.1).values
     assert keep.tolist() == [1.0, 0.0]
     assert remove.tolist() == [0.0, 1.0]
 
@@ -170,7 +172,7 @@ def test_noise_ranks_a_smooth_map_below_the_same_map_plus_noise(block_batch: Bat
     blob = torch.exp(-((yy - 40) ** 2 + (xx - 55) ** 2) / (2 * 12.0**2))
     noisy = blob + 0.2 * torch.rand(96, 96, generator=torch.Generator().manual_seed(0))
     block_batch.maps = torch.stack([blob, noisy])
-    s = REGISTRY["noise"].fn(block_batch, **REGISTRY["noise"].defaults)
+    s = METRICS["noise"].fn(block_batch, **METRICS["noise"].defaults)
     assert s.values[0] < s.values[1]
     assert s.curves is not None and s.curves.shape == (2, 3)  # levels of 96, 64 and 43 px (29 < 30 stops)
 
@@ -181,10 +183,10 @@ def test_a_map_equal_to_the_object_mask_has_pointing_and_energy_one(block_batch:
     block_batch.maps = torch.stack([mask.float(), (~mask).float()])
     block_batch.regions = torch.stack([mask, mask])
     block_batch.has_region = torch.tensor([True, True])
-    assert REGISTRY["pointing"].fn(block_batch).values.tolist() == [1.0, 0.0]
-    assert REGISTRY["energy"].fn(block_batch).values.tolist() == [1.0, 0.0]
+    assert METRICS["pointing"].fn(block_batch).values.tolist() == [1.0, 0.0]
+    assert METRICS["energy"].fn(block_batch).values.tolist() == [1.0, 0.0]
     block_batch.has_region = torch.tensor([True, False])
-    assert math.isnan(REGISTRY["energy"].fn(block_batch).values[1].item())
+    assert math.isnan(METRICS["energy"].fn(block_batch).values[1].item())
 
 
 def test_pointing_with_a_constant_map_is_the_chance_level(block_batch: Batch) -> None:
@@ -192,7 +194,7 @@ def test_pointing_with_a_constant_map_is_the_chance_level(block_batch: Batch) ->
     block_batch.maps = torch.ones(2, SIDE, SIDE)
     block_batch.regions = torch.stack([mask, mask])
     block_batch.has_region = torch.tensor([True, True])
-    assert REGISTRY["pointing"].fn(block_batch).values[0].item() == pytest.approx(16 / 256)
+    assert METRICS["pointing"].fn(block_batch).values[0].item() == pytest.approx(16 / 256)
 
 
 def test_boxes_and_masks_land_on_the_right_map_pixels(tmp_path: Path) -> None:
@@ -233,8 +235,8 @@ def test_read_boxes_json_and_csv_and_name_lookup(tmp_path: Path) -> None:
 def test_randomization_keeps_an_edge_detector_at_one_and_decorrelates_the_gradient(cnn_case) -> None:
     model, oracle, x, target, ctx = cnn_case
     before = [p.detach().clone() for p in model.parameters()]
-    edge = randomization(model, _recomputer(EDGE, {"reduce": "abs-sum"}, oracle, x, target, [1, 2, 3], ctx))
-    grad = randomization(model, _recomputer(METHODS["gradient"], {"reduce": "abs-sum"}, oracle, x, target,
+    edge = randomization(oracle, recomputer(EDGE, {"reduce": "abs-sum"}, oracle, x, target, [1, 2, 3], ctx))
+    grad = randomization(oracle, recomputer(METHODS["gradient"], {"reduce": "abs-sum"}, oracle, x, target,
                                             [1, 2, 3], ctx))
     assert edge.stages == ["6", "2", "0"]  # classifier first, then down the network
     assert torch.allclose(edge.correlations, torch.ones_like(edge.correlations), atol=1e-6)
@@ -248,8 +250,8 @@ def test_perturbation_check_edge_map_never_changes_gradient_degrades(cnn_case) -
     clean_p = oracle.probabilities(x, target)
     grid = (0.01, 0.1, 1.0)
     probability = lambda: oracle.probabilities(x, target)  # noqa: E731
-    edge = perturbation(model, _recomputer(EDGE, {}, oracle, x, target, [1, 2, 3], ctx), probability, grid=grid)
-    grad = perturbation(model, _recomputer(METHODS["gradient"], {}, oracle, x, target, [1, 2, 3], ctx), probability,
+    edge = perturbation(oracle, recomputer(EDGE, {}, oracle, x, target, [1, 2, 3], ctx), probability, grid=grid)
+    grad = perturbation(oracle, recomputer(METHODS["gradient"], {}, oracle, x, target, [1, 2, 3], ctx), probability,
                         grid=grid)
     assert edge.t == [0.0, 0.01, 0.1, 1.0]
     assert torch.allclose(edge.similarity, torch.ones_like(edge.similarity), atol=1e-6)
@@ -267,6 +269,15 @@ def test_cascade_stages_go_top_down_and_merge_to_the_cap() -> None:
     assert [n for n, _ in layer_units(small_cnn())] == ["0", "2", "6"]
 
 
+def test_sanity_checks_on_a_model_without_parameters_say_so() -> None:
+    """A model with nothing to perturb (e.g. a frozen TorchScript module) is a clear SaliencyError, not a crash."""
+    oracle = GradientOracle(torch.nn.Flatten().eval())
+    for name, check in SANITY_CHECKS.items():
+        with pytest.raises(SaliencyError, match="no parameters"):
+            check.fn(oracle, lambda: torch.zeros(1, 4, 4), lambda: torch.ones(1), seed=0, **check.defaults)
+        assert check.fn is {"randomization": randomization, "perturbation": perturbation}[name]
+
+
 # -- statistics, registry, gates --------------------------------------------------------------------------
 def test_spearman_with_ties_and_mean_ci95() -> None:
     a = torch.tensor([[1.0, 2.0, 2.0, 5.0]])
@@ -278,9 +289,9 @@ def test_spearman_with_ties_and_mean_ci95() -> None:
     assert mean_ci95([float("nan"), 4.0]) == {"mean": 4.0, "ci95": None, "n": 1}
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(METRICS))
 def test_every_registered_metric_declares_itself_and_scores_each_row(name: str, block_batch: Batch) -> None:
-    m = REGISTRY[name]
+    m = METRICS[name]
     assert m.summary and m.paper and isinstance(m.higher_is_better, bool)
     small = {"steps": 4, "regions": 3, "window": 4}
     opts = {k: small.get(k, v) for k, v in m.defaults.items()}
@@ -296,15 +307,15 @@ def test_every_registered_metric_declares_itself_and_scores_each_row(name: str, 
 
 def test_score_maps_scores_in_memory_maps_like_the_registry(block_batch: Batch) -> None:
     """The helper for self-tuning methods gives the registered metric's values; (B, C, H, W) maps are |.|-summed."""
-    from saliency_cli.evaluate import score_maps
+    from saliency_cli.metrics import score_maps
 
     b = block_batch
-    direct = REGISTRY["deletion"].fn(b, steps=8).values
+    direct = METRICS["deletion"].fn(b, steps=8).values
     maps3 = b.maps[:, None].expand(-1, 3, -1, -1) / 3
-    via = score_maps("deletion", b.oracle, b.x, b.target, maps3, b.ctx, baseline="mean", steps=8)
+    via = score_maps("deletion", b.oracle, b.x, b.target, maps3, b.bounds, baseline="mean", steps=8)
     assert torch.allclose(direct, via)
     with pytest.raises(UsageError):
-        score_maps("deletion", b.oracle, b.x, b.target, b.maps, b.ctx, stepz=8)
+        score_maps("deletion", b.oracle, b.x, b.target, b.maps, b.bounds, stepz=8)
 
 
 def test_gates_name_metric_and_method_and_fail_closed() -> None:
@@ -316,7 +327,7 @@ def test_gates_name_metric_and_method_and_fail_closed() -> None:
 
 def test_method_labels_tell_settings_and_runs_apart(tmp_path: Path) -> None:
     """A noise sweep gets one label per level; a method present in two runs is prefixed by the run's name."""
-    from saliency_cli.evaluate.run import Row, RunData, assign_labels
+    from saliency_cli.pipeline.runs import Row, RunData, assign_labels
 
     def run(name: str, params: list[dict[str, object]]) -> RunData:
         r = RunData(tmp_path / name, name, {})
@@ -345,7 +356,7 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
                           ({"metric_options": {"deletion": {"stepz": 3}}}, "unknown option")]:
         with pytest.raises(UsageError, match=message):
             evaluate_runs(EvaluateOptions(runs=[tmp_path], **opts))  # type: ignore[arg-type]
-    assert set(SANITY) == {"randomization", "perturbation"}
+    assert set(SANITY_CHECKS) == {"randomization", "perturbation"}
 
 
 # -- end to end on the bundled model ----------------------------------------------------------------------
@@ -402,16 +413,16 @@ def test_sanity_checks_recompute_the_runs_maps(real_runs: tuple[Path, Path], tmp
     assert ev.summary["smoothgrad"]["randomization"]["mean"] < 0.5
     # The recomputation on the clean model reproduces the stored maps exactly (same settings, same noise).
     from saliency_cli.data import input_bounds
-    from saliency_cli.evaluate.run import _load_image, _model_for, read_run
+    from saliency_cli.pipeline.runs import load_image, read_run, reload_model
 
     data = read_run(run)
-    model = _model_for(data, torch.device("cpu"), {})
-    lo, hi = input_bounds(data.info["data_config"])
+    model = reload_model(data, torch.device("cpu"), {})
+    bounds = input_bounds(data.info["data_config"])
     oracle = GradientOracle(model.module, batch_size=8)
     for row in data.rows:
-        img = _load_image(row, data.info["data_config"], torch.device("cpu"))
-        again = _recomputer(METHODS[row.record["method"]], row.record["params"], oracle, img.x[None],
-                            torch.tensor([row.target]), [img.seed], Context(lo=lo, hi=hi))()[0]
+        img = load_image(row, data.info["data_config"], torch.device("cpu"))
+        again = recomputer(METHODS[row.record["method"]], row.record["params"], oracle, img.x[None],
+                           torch.tensor([row.target]), [img.seed], MethodContext(bounds))()[0]
         stored = torch.from_numpy(np.load(run / row.record["outputs"]["npy"]))
         assert torch.allclose(again, stored, rtol=1e-5, atol=1e-7 * float(stored.abs().max()))
 
@@ -420,8 +431,9 @@ def test_sanity_checks_recompute_the_runs_maps(real_runs: tuple[Path, Path], tmp
 def test_cli_writes_reports_and_a_failed_gate_exits_4(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from saliency_cli.cli import app
+    from saliency_cli.cli import build_app
 
+    app = build_app()
     run, _ = real_runs
     out = tmp_path / "report"
     boxes = tmp_path / "boxes.csv"

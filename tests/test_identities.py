@@ -11,18 +11,18 @@ import pytest
 import torch
 from conftest import make_generators, random_images
 
-from saliency_cli.data import decode, input_bounds, preprocess
-from saliency_cli.methods import REGISTRY, Context
-from saliency_cli.methods.base import QUADRATURES, SampleStats, baseline, quadrature
+from saliency_cli.data import InputRange, baseline, decode, input_bounds, preprocess
+from saliency_cli.methods import METHODS, MethodContext
+from saliency_cli.methods.base import QUADRATURES, SampleStats, quadrature
 from saliency_cli.oracle import GradientOracle
 
 
-def run(name: str, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, ctx: Context, *,
+def run(name: str, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, ctx: MethodContext, *,
         batch_size: int = 16, seeds: list[int] | None = None, **hyper):
     """Call a registered method the way the pipeline does, with fresh per-image generators."""
     oracle = GradientOracle(model, batch_size=batch_size)
     gens = make_generators(seeds if seeds is not None else list(range(x.shape[0])))
-    return REGISTRY[name].fn(oracle, x, target, generators=gens, ctx=ctx, **hyper)
+    return METHODS[name].fn(oracle, x, target, generators=gens, ctx=ctx, **hyper)
 
 
 def plain_gradient(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,8 @@ def test_smoothgrad_without_noise_is_the_gradient(request, model_name, size, sam
     x = random_images(2, size=size, seed=1)
     target = torch.tensor([3, 11])
     lo, hi = torch.full((3, 1, 1), -1.0), torch.full((3, 1, 1), 1.0)
-    out = run("smoothgrad", model, x, target, Context(lo, hi), batch_size=3, noise=0.0, samples=samples)
+    out = run("smoothgrad", model, x, target, MethodContext(InputRange(lo, hi)), batch_size=3, noise=0.0,
+              samples=samples)
     expected = plain_gradient(model, x, target)
     assert out.maps.shape == expected.shape
     scale = expected.abs().max().item()
@@ -90,7 +91,7 @@ def test_smoothgrad_noise_has_requested_std_and_zero_mean():
     noise, samples = 0.2, 200
     rec = Recorder(shape)
     lo, hi = torch.full((3, 1, 1), -10.0), torch.full((3, 1, 1), 10.0)
-    out = run("smoothgrad", rec, x, torch.tensor([0, 1]), Context(lo, hi), batch_size=64, noise=noise,
+    out = run("smoothgrad", rec, x, torch.tensor([0, 1]), MethodContext(InputRange(lo, hi)), batch_size=64, noise=noise,
               samples=samples)
     inputs, _ = rec.recorded()
     assert inputs.shape[0] == 2 * samples
@@ -113,7 +114,7 @@ def test_each_image_draws_its_own_noise():
     x[1] = 2 * x[1]  # same pattern, twice the range: the same draws, twice the sigma
     rec = Recorder(shape)
     lo, hi = torch.full((3, 1, 1), -10.0), torch.full((3, 1, 1), 10.0)
-    run("smoothgrad", rec, x, torch.zeros(3, dtype=torch.long), Context(lo, hi), batch_size=100,
+    run("smoothgrad", rec, x, torch.zeros(3, dtype=torch.long), MethodContext(InputRange(lo, hi)), batch_size=100,
         seeds=[5, 5, 6], noise=0.1, samples=4)
     inputs, _ = rec.recorded()
     eps = (inputs - x.double().numpy().repeat(4, axis=0)).reshape(3, 4, *shape)  # image-major rows
@@ -124,7 +125,7 @@ def test_each_image_draws_its_own_noise():
 def _family_run(name: str, x: torch.Tensor, noise: float, samples: int):
     rec = Recorder(tuple(x.shape[1:]))
     lo, hi = torch.full((3, 1, 1), -10.0), torch.full((3, 1, 1), 10.0)
-    out = run(name, rec, x, torch.tensor([1]), Context(lo, hi), batch_size=4, seeds=[11], noise=noise,
+    out = run(name, rec, x, torch.tensor([1]), MethodContext(InputRange(lo, hi)), batch_size=4, seeds=[11], noise=noise,
               samples=samples)
     _, grads = rec.recorded()
     assert grads.shape[0] == samples
@@ -155,7 +156,7 @@ def test_nan_samples_are_dropped_and_counted():
     rec = Recorder(shape, nan_where=lambda v: v[:, 0, 0, 0] > 0)
     lo, hi = torch.full((3, 1, 1), -100.0), torch.full((3, 1, 1), 100.0)
     samples = 40
-    out = run("smoothgrad", rec, x, torch.tensor([0, 2]), Context(lo, hi), batch_size=16, noise=0.01,
+    out = run("smoothgrad", rec, x, torch.tensor([0, 2]), MethodContext(InputRange(lo, hi)), batch_size=16, noise=0.01,
               samples=samples)
     inputs, grads = rec.recorded()
     mine = inputs[:, 0, 0, 0] < 25  # samples of image 0
@@ -250,9 +251,8 @@ def test_ig_completeness_on_the_bundled_model(bundled, sample_dir):
     with torch.no_grad():
         target = bundled.module(x).argmax(1)
     diff = float(_logit_difference(bundled.module, x, black.expand_as(x), target)[0])
-    lo, hi = input_bounds(cfg)
-    out = run("integrated-gradients", bundled.module, x, target, Context(lo, hi), batch_size=32, steps=256,
-              baseline="black", quadrature="gausslegendre")
+    out = run("integrated-gradients", bundled.module, x, target, MethodContext(input_bounds(cfg)), batch_size=32,
+              steps=256, baseline="black", quadrature="gausslegendre")
     total = float(out.maps.double().sum())
     assert abs(diff) > 1.0
     assert abs(total - diff) <= 0.01 * abs(diff)
@@ -366,19 +366,18 @@ def test_quadrature_rejects_unknown_rules_and_a_one_point_trapezoid():
 IMAGENET = {"input_size": (3, 8, 8), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
-def _imagenet_ctx() -> Context:
-    lo, hi = input_bounds(IMAGENET)
-    return Context(lo=lo, hi=hi)
+def _imagenet_ctx() -> MethodContext:
+    return MethodContext(input_bounds(IMAGENET))
 
 
 def test_black_baseline_is_pixel_zero():
-    """`black` is pixel value 0 normalised, (0 - mean) / std per channel, which is ctx.lo."""
+    """`black` is pixel value 0 normalised, (0 - mean) / std per channel, which is ctx.bounds.lo."""
     ctx = _imagenet_ctx()
     x = torch.randn(2, 3, 8, 8)
-    ref = baseline(x, "black", ctx, make_generators([0, 1]))
+    ref = baseline(x, "black", ctx.bounds, make_generators([0, 1]))
     expected = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]).view(1, 3, 1, 1).expand_as(x)
     torch.testing.assert_close(ref, expected)
-    torch.testing.assert_close(ref, ctx.lo.expand_as(x))
+    torch.testing.assert_close(ref, ctx.bounds.lo.expand_as(x))
 
 
 def test_mean_baseline_is_zero():
@@ -391,9 +390,9 @@ def test_blur_baseline_keeps_a_constant_image_and_smooths_others():
     """`blur` of a constant image is the image itself; of a noisy image it has less variance, same mean."""
     ctx = _imagenet_ctx()
     const = torch.tensor([0.3, -1.2, 2.0]).view(1, 3, 1, 1).expand(2, 3, 16, 16).clone()
-    torch.testing.assert_close(baseline(const, "blur", ctx, make_generators([0, 1])), const, rtol=0, atol=1e-6)
+    torch.testing.assert_close(baseline(const, "blur", ctx.bounds, make_generators([0, 1])), const, rtol=0, atol=1e-6)
     noisy = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    blurred = baseline(noisy, "blur", ctx, make_generators([0, 1]))
+    blurred = baseline(noisy, "blur", ctx.bounds, make_generators([0, 1]))
     assert blurred.shape == noisy.shape
     assert float(blurred.var()) < 0.5 * float(noisy.var())
 
@@ -402,12 +401,12 @@ def test_uniform_baseline_lies_in_the_valid_range_and_follows_the_generator():
     """`uniform` lies within [lo, hi] per channel, covers it, and each image's draw depends on its seed only."""
     ctx = _imagenet_ctx()
     x = torch.zeros(3, 3, 32, 32)
-    ref = baseline(x, "uniform", ctx, make_generators([1, 2, 1]))
-    lo, hi = ctx.lo.view(1, 3, 1, 1), ctx.hi.view(1, 3, 1, 1)
+    ref = baseline(x, "uniform", ctx.bounds, make_generators([1, 2, 1]))
+    lo, hi = ctx.bounds.lo.view(1, 3, 1, 1), ctx.bounds.hi.view(1, 3, 1, 1)
     assert ((ref >= lo) & (ref <= hi)).all()
     pixels = ref * torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1) + torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1)
     assert float(pixels.min()) < 0.01 and float(pixels.max()) > 0.99
     assert float(pixels.mean()) == pytest.approx(0.5, abs=0.02)
     assert torch.equal(ref[0], ref[2]) and not torch.equal(ref[0], ref[1])
-    alone = baseline(x[:1], "uniform", ctx, make_generators([2]))
+    alone = baseline(x[:1], "uniform", ctx.bounds, make_generators([2]))
     assert torch.equal(alone[0], ref[1])

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from saliency_cli.methods import REGISTRY, Context
+from saliency_cli.data import InputRange
+from saliency_cli.methods import METHODS, MethodContext
 from saliency_cli.methods.adaptgrad import adaptive_sigma
 from saliency_cli.methods.base import gaussian, relative_sigma
 from saliency_cli.methods.noisegrad import calibrate_weight_noise, weight_generator, weight_noise_agreement
@@ -23,7 +24,7 @@ from saliency_cli.oracle import GradientOracle
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-CTX = Context(lo=(0 - MEAN) / STD, hi=(1 - MEAN) / STD, seed=7)
+CTX = MethodContext(InputRange((0 - MEAN) / STD, (1 - MEAN) / STD), seed=7)
 SIZE = 8
 CLASSES = 5
 
@@ -65,7 +66,7 @@ def run(name: str, model: nn.Module, x: torch.Tensor, seeds: tuple[int, ...], *,
     oracle = GradientOracle(model, batch_size=batch_size)
     if target is None:
         target = torch.arange(x.shape[0]) % CLASSES
-    result = REGISTRY[name].fn(oracle, x, target, generators=gens(*seeds), ctx=CTX, **hyper)
+    result = METHODS[name].fn(oracle, x, target, generators=gens(*seeds), ctx=CTX, **hyper)
     return result.maps
 
 
@@ -94,7 +95,7 @@ def test_registrations_carry_defaults_cost_and_display() -> None:
         "smoothtaylor": ({"noise": 0.106, "samples": 150, "objective": "noise"}, 150, "abs-sum"),
     }
     for name, (defaults, cost, reduce) in expected.items():
-        method = REGISTRY[name]
+        method = METHODS[name]
         assert method.defaults == defaults
         assert method.cost(method.defaults) == cost
         assert method.reduce == reduce
@@ -142,14 +143,14 @@ class Recorder(nn.Module):
 @pytest.mark.parametrize("confidence", [0.95, 0.8])
 def test_adaptgrad_noise_is_zero_at_the_bounds_and_has_the_requested_confidence(confidence: float) -> None:
     x = images(1, seed=3)
-    x[0, 0, 0, :3] = CTX.lo[0]  # three elements at the lower bound of channel 0
-    x[0, 2, 5, 4:] = CTX.hi[2]  # four at the upper bound of channel 2
+    x[0, 0, 0, :3] = CTX.bounds.lo[0]  # three elements at the lower bound of channel 0
+    x[0, 2, 5, 4:] = CTX.bounds.hi[2]  # four at the upper bound of channel 2
     at_bound = torch.zeros_like(x[0], dtype=torch.bool)
     at_bound[0, 0, :3] = True
     at_bound[2, 5, 4:] = True
     model, n = Recorder(), 1500
     oracle = GradientOracle(model, batch_size=64)
-    result = REGISTRY["adaptgrad"].fn(oracle, x, torch.tensor([2]), generators=gens(11), ctx=CTX,
+    result = METHODS["adaptgrad"].fn(oracle, x, torch.tensor([2]), generators=gens(11), ctx=CTX,
                                       confidence=confidence, samples=n)
     seen = torch.cat(model.seen)  # (N+1, C, H, W): every input the model was given
     assert seen.shape[0] == n + 1
@@ -158,7 +159,7 @@ def test_adaptgrad_noise_is_zero_at_the_bounds_and_has_the_requested_confidence(
     d = seen[~clean] - x  # (N, C, H, W): the noise actually added
     assert (d[:, at_bound] == 0).all()  # no noise where the input sits on a bound
     free = ~at_bound
-    t = torch.minimum(x[0] - CTX.lo, CTX.hi - x[0])[free]  # distance to the nearer bound
+    t = torch.minimum(x[0] - CTX.bounds.lo, CTX.bounds.hi - x[0])[free]  # distance to the nearer bound
     sigma = t / (math.sqrt(2) * torch.special.erfinv(torch.tensor(confidence)))
     assert (d[:, free] != 0).float().mean() > 0.999  # (a draw below half an ulp of x rounds away)
     per_element = d[:, free].std(0) / sigma  # 1500 samples per element: std error about 2 %
@@ -168,7 +169,7 @@ def test_adaptgrad_noise_is_zero_at_the_bounds_and_has_the_requested_confidence(
     assert abs(float(inside) - confidence) < 0.01
     # and the map is the mean of the N+1 gradients, the clean one included
     torch.testing.assert_close(result.maps[0], model.gradient(seen, 2).mean(0), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(adaptive_sigma(x, CTX.lo, CTX.hi, confidence)[0][free], sigma)
+    torch.testing.assert_close(adaptive_sigma(x, CTX.bounds.lo, CTX.bounds.hi, confidence)[0][free], sigma)
 
 
 def test_smoothtaylor_on_a_linear_model_is_minus_mean_noise_times_weight() -> None:
@@ -178,7 +179,7 @@ def test_smoothtaylor_on_a_linear_model_is_minus_mean_noise_times_weight() -> No
         linear.weight.copy_(torch.randn(linear.weight.shape, generator=g))
     model = nn.Sequential(nn.Flatten(), linear).eval()
     x, target, n = images(2), torch.tensor([1, 4]), 20
-    result = REGISTRY["smoothtaylor"].fn(GradientOracle(model, batch_size=7), x, target, generators=gens(8, 9),
+    result = METHODS["smoothtaylor"].fn(GradientOracle(model, batch_size=7), x, target, generators=gens(8, 9),
                                          ctx=CTX, noise=0.1, samples=n)
     sigma = relative_sigma(x, 0.1)
     e = gaussian(gens(8, 9), n, x) * sigma.view(-1, 1, 1, 1, 1)  # the same draws again: (B, N, C, H, W)
@@ -226,17 +227,17 @@ def test_weight_noise_methods_leave_the_model_unchanged(name: str, fail: bool) -
     assert inner.training
 
 
-def test_weights_perturbed_noises_parameters_only_and_never_compounds() -> None:
+def test_parameter_noise_touches_parameters_only_and_never_compounds() -> None:
     model = tiny_cnn()
     clean = {k: v.clone() for k, v in model.state_dict().items()}
     params = {k for k, _ in model.named_parameters()}
     oracle = GradientOracle(model)
-    with oracle.weights_perturbed() as perturb:
-        perturb(weight_generator(0, 0, "cpu"), 0.2)
+    with oracle.parameters_edited() as editor:
+        editor.scale_by_noise(weight_generator(0, 0, "cpu"), 0.2)
         first = {k: v.clone() for k, v in model.state_dict().items()}
         for _ in range(3):
-            perturb(weight_generator(0, 1, "cpu"), 0.2)
-        perturb(weight_generator(0, 0, "cpu"), 0.2)  # the same draw again gives the same weights
+            editor.scale_by_noise(weight_generator(0, 1, "cpu"), 0.2)
+        editor.scale_by_noise(weight_generator(0, 0, "cpu"), 0.2)  # the same draw again gives the same weights
         again = model.state_dict()
         for k, v in clean.items():
             assert torch.equal(again[k], first[k])
@@ -304,7 +305,7 @@ def test_same_seed_same_map_whatever_the_batch(name: str) -> None:
 def test_noisegrad_depends_on_the_run_seed() -> None:
     model, x, t = tiny_cnn(), images(1), torch.tensor([3])
     oracle = GradientOracle(model)
-    maps = [REGISTRY["noisegrad"].fn(oracle, x, t, generators=gens(1), ctx=Context(CTX.lo, CTX.hi, seed=s),
+    maps = [METHODS["noisegrad"].fn(oracle, x, t, generators=gens(1), ctx=MethodContext(CTX.bounds, seed=s),
                                      **SMALL["noisegrad"]).maps for s in (1, 1, 2)]
     assert torch.equal(maps[0], maps[1]) and not torch.allclose(maps[0], maps[2])
 
@@ -329,19 +330,21 @@ def test_calibrate_weight_noise_finds_about_five_percent_loss_and_is_determinist
 def test_smoothtaylor_auto_picks_a_sigma_no_worse_than_the_start_and_reports_its_map(objective: str) -> None:
     """noise='auto': the chosen sigma's objective is <= the objective at the start (mean|x|), both recomputed
     independently, and the map is SmoothTaylor at the chosen sigma with the same draws."""
-    from saliency_cli.evaluate.run import score_maps
+    from saliency_cli.metrics import score_maps
 
     model, x = tiny_cnn(), images(2)
     oracle = GradientOracle(model, batch_size=16)
     target = torch.tensor([1, 3])
-    result = REGISTRY["smoothtaylor"].fn(oracle, x, target, generators=gens(4, 5), ctx=CTX, noise="auto",
+    ctx = MethodContext(CTX.bounds, seed=CTX.seed,
+                        scorer=lambda name, orc, xs, t, m: score_maps(name, orc, xs, t, m, CTX.bounds))
+    result = METHODS["smoothtaylor"].fn(oracle, x, target, generators=gens(4, 5), ctx=ctx, noise="auto",
                                          samples=6, objective=objective)
     unit = gaussian(gens(4, 5), 6, x)
     chosen = result.stats["sigma"]
     again = smoothtaylor_at(oracle, x, target, chosen, unit)
     torch.testing.assert_close(result.maps, again.maps)
     start = smoothtaylor_at(oracle, x, target, x.abs().flatten(1).mean(1), unit)
-    value_start = score_maps(objective, oracle, x, target, start.maps, CTX)
-    value_chosen = score_maps(objective, oracle, x, target, again.maps, CTX)
+    value_start = score_maps(objective, oracle, x, target, start.maps, CTX.bounds)
+    value_chosen = score_maps(objective, oracle, x, target, again.maps, CTX.bounds)
     assert torch.all(value_chosen <= value_start + 1e-6)
     torch.testing.assert_close(result.stats["objective"], value_chosen.float())

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from saliency_cli.methods import REGISTRY, Context
+from saliency_cli.data import InputRange
+from saliency_cli.methods import METHODS, MethodContext
 from saliency_cli.methods.ggig import ggig
 from saliency_cli.methods.mask import mask, rise_upsample
 from saliency_cli.oracle import GradientOracle
@@ -16,8 +17,8 @@ LO, HI = -2.0, 2.0
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------
-def _ctx() -> Context:
-    return Context(lo=torch.full((C, 1, 1), LO), hi=torch.full((C, 1, 1), HI), seed=0)
+def _ctx() -> MethodContext:
+    return MethodContext(InputRange(torch.full((C, 1, 1), LO), torch.full((C, 1, 1), HI)), seed=0)
 
 
 def _gens(seeds: list[int]) -> list[torch.Generator]:
@@ -157,7 +158,7 @@ def test_ggig_starts_on_the_straight_line_and_ascends_by_lr_times_gradient(net_i
          iterations=2, step_size=lr, baseline="black", ggig_reduce="max")
     assert len(rec.seen) == 2  # one oracle call per ascent step, all points of all images in one batch
     first, second = (t.view(2, s, *x.shape[1:]) for t in rec.seen)  # (B*S, C, H, W) -> (B, S, C, H, W)
-    black = ctx.lo.expand_as(x)
+    black = ctx.bounds.lo.expand_as(x)
     for k in range(s):
         torch.testing.assert_close(first[:, k], black + k / (s - 1) * (x - black), rtol=0, atol=1e-6)
     g = _path_gradients(net, first.flatten(0, 1), target.repeat_interleave(s), torch.ones(1))[:, 0]
@@ -198,7 +199,7 @@ def test_ggig_leaves_the_model_unchanged_and_maps_are_finite(net_inputs, reduce:
 
 def test_ggig_registration_cost_and_cheap_setting() -> None:
     """Cost is T x (m+1) gradient passes; the cheap setting is cheaper than the defaults."""
-    m = REGISTRY["ggig"]
+    m = METHODS["ggig"]
     assert m.cost(m.defaults) == 51 * 100
     assert m.cost({**m.defaults, **m.cheap}) < m.cost(m.defaults) / 10
 
@@ -267,7 +268,7 @@ def test_mask_map_shape_range_cost_and_model_unchanged() -> None:
     assert attr.maps.min() >= 0 and torch.allclose(attr.maps.flatten(1).amax(1), torch.ones(2))
     assert oracle.passes == 2 * 16 * (100 // 16)
     assert (attr.stats["forward_passes"] == 16 * 6).all()
-    assert REGISTRY["mask"].needs_gradients is False and REGISTRY["mask"].cost(REGISTRY["mask"].defaults) == 5000
+    assert METHODS["mask"].needs_gradients is False and METHODS["mask"].cost(METHODS["mask"].defaults) == 64 * (5000 // 64)
 
 
 def test_rise_upsample_shapes_and_shift() -> None:

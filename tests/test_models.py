@@ -3,6 +3,7 @@ TorchScript files need their preprocessing spelled out, and unloadable models fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import time
@@ -79,7 +80,13 @@ def test_safetensors_checkpoint_reproduces_the_weights(tmp_path):
     model = load_model("test_resnet", checkpoint=str(path))
     assert_same_weights(model.module, state)
     assert not model.module.training
-    assert model.source == {"kind": "timm", "name": "test_resnet", "weights": str(path)}
+    source = model.source
+    assert {k: source[k] for k in ("kind", "name", "weights")} == {"kind": "timm", "name": "test_resnet",
+                                                                  "weights": str(path)}
+    assert source["checkpoint"] == {"path": str(path), "format": "safetensors", "key": None, "ema": False,
+                                    "stripped_prefixes": []}
+    assert source["sha256"] == {"checkpoint": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert source["options"] == {}
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "module-prefix"])

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import TINY_SIZE, make_generators, random_images
 
-from saliency_cli.methods import REGISTRY, Context, Method
+from saliency_cli.methods import METHODS, Method, MethodContext
 from saliency_cli.oracle import GradientOracle
 from saliency_cli.reduce import REDUCTIONS
 
-NAMES = sorted(REGISTRY)
+NAMES = sorted(METHODS)
 # Counts that only make a method slower, capped so that every method runs in a fraction of a second here; the
 # properties tested do not depend on them.
 SMALL = {"samples": 3, "steps": 4, "models": 2, "iterations": 3, "chains": 2}
@@ -39,14 +39,14 @@ def settings(method: Method) -> dict:
     return hyper
 
 
-def attribute(name: str, model: torch.nn.Module, ctx: Context, idx: list[int], *, batch_size: int = ALL,
+def attribute(name: str, model: torch.nn.Module, ctx: MethodContext, idx: list[int], *, batch_size: int = ALL,
               seeds: list[int] | None = None):
     """Run a method on images `idx` of a fixed set of three, each with its own target and generator seed."""
     x = random_images(3, seed=42)[idx]
     target = torch.tensor([TARGETS[i] for i in idx])
     gens = make_generators([(seeds or SEEDS)[i] for i in idx])
     oracle = GradientOracle(model, batch_size=batch_size)
-    method = REGISTRY[name]
+    method = METHODS[name]
     return method.fn(oracle, x, target, generators=gens, ctx=ctx, **settings(method))
 
 
@@ -57,15 +57,15 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_registry_is_not_empty_and_names_match():
     """The registry holds the foundation's methods under their CLI names, each registered under its own name."""
     assert {"gradient", "input-x-gradient", "smoothgrad", "smoothgrad-sq", "vargrad",
-            "integrated-gradients"} <= set(REGISTRY)
-    assert all(method.name == name for name, method in REGISTRY.items())
+            "integrated-gradients"} <= set(METHODS)
+    assert all(method.name == name for name, method in METHODS.items())
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_metadata_is_complete(name):
     """Every method has a one-line summary, a paper, defaults its function accepts, a positive integer cost,
     cheap settings among its defaults, and a default reduction the reducer knows."""
-    method = REGISTRY[name]
+    method = METHODS[name]
     assert isinstance(method.summary, str) and method.summary.strip() and "\n" not in method.summary
     assert isinstance(method.paper, str) and method.paper.strip()
     assert isinstance(method.defaults, dict)
@@ -106,9 +106,9 @@ def test_same_seed_gives_the_same_map_whatever_the_batch(name, tiny, tiny_ctx):
 def test_stochastic_flag_is_honest(name, tiny, tiny_ctx):
     """Another image seed and run seed change the map of a stochastic method and leave a deterministic one as is."""
     base = attribute(name, tiny, tiny_ctx, [0]).maps[0]
-    other_ctx = Context(lo=tiny_ctx.lo, hi=tiny_ctx.hi, seed=tiny_ctx.seed + 1)
+    other_ctx = MethodContext(tiny_ctx.bounds, seed=tiny_ctx.seed + 1)
     other = attribute(name, tiny, other_ctx, [0], seeds=[7, 8, 9]).maps[0]
-    if REGISTRY[name].stochastic:
+    if METHODS[name].stochastic:
         assert not torch.allclose(other, base, rtol=1e-3, atol=1e-3 * float(base.abs().max()))
     else:
         close(other, base)
@@ -163,12 +163,30 @@ def test_needs_gradients_flag_is_honest(name, tiny, tiny_ctx):
     """A method flagged needs_gradients=False works when the model's backward raises; one flagged True does
     call backward (so the flag is not merely decorative)."""
     model = ForwardOnly(tiny).eval()  # eval like the model inside: the oracle restores one flag for the whole tree
-    if REGISTRY[name].needs_gradients:
+    if METHODS[name].needs_gradients:
         with pytest.raises(RuntimeError, match="forward-only"):
             attribute(name, model, tiny_ctx, [0])
     else:
         out = attribute(name, model, tiny_ctx, [0])
         assert out.maps.shape == (1, 3, TINY_SIZE, TINY_SIZE) and torch.isfinite(out.maps).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_cost_is_the_number_of_model_passes(name, tiny, tiny_ctx):
+    """`cost(hyper)` equals the forward passes the oracle counts for one image, at the defaults (with --cheap) and
+    with every count capped: `saliency methods` and the pipeline's group sizes rely on it."""
+    method = METHODS[name]
+    for hyper in ({**method.defaults, **method.cheap, **RUN_LEVEL_VALUES(method)}, settings(method)):
+        if name in ("ggig", "mask", "smoothtaylor") and hyper is not settings(method):
+            continue  # their defaults take thousands of passes; the capped settings below exercise the formula
+        oracle = GradientOracle(tiny, batch_size=ALL)
+        x = random_images(1, seed=3)
+        method.fn(oracle, x, torch.tensor([1]), generators=make_generators([5]), ctx=tiny_ctx, **hyper)
+        assert oracle.passes == method.cost(hyper), (hyper, oracle.passes)
+
+
+def RUN_LEVEL_VALUES(method: Method) -> dict:  # noqa: N802 - reads like the constant it extends
+    return {k: v for k, v in RUN_LEVEL.items() if method.defaults.get(k) == "auto"}
 
 
 def test_frozen_restores_each_submodule_mode() -> None:

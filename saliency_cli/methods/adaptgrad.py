@@ -13,7 +13,15 @@ import math
 
 import torch
 
-from saliency_cli.methods.base import Attribution, Context, SampleStats, gaussian, register, stream_gradients
+from saliency_cli.methods.base import (
+    Attribution,
+    MethodContext,
+    SampleStats,
+    gaussian,
+    register,
+    sample_result,
+    stream_gradients,
+)
 from saliency_cli.oracle import GradientOracle
 
 PAPER = "Zhou, Ma, Wang, Shi 2024, arXiv:2410.07711 (NeurIPS 2025)"
@@ -36,16 +44,16 @@ def adaptive_sigma(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, confiden
           paper=PAPER, defaults={"confidence": 0.95, "samples": 50}, stochastic=True,
           cost=lambda h: int(h["samples"]) + 1, reduce="abs-sum")
 def adaptgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-              generators: list[torch.Generator], ctx: Context, confidence: float, samples: int) -> Attribution:
+              generators: list[torch.Generator], ctx: MethodContext, confidence: float, samples: int) -> Attribution:
     """(g(x) + sum_n g(x + e_n)) / (N + 1), e_n,i ~ N(0, sigma_i^2), sigma from `adaptive_sigma`. (B, C, H, W)
 
     The clean gradient is averaged in as the reference does (N + 1 gradients in all).
     stats: sigma_mean (B,), the mean per-element sigma of each image; dropped_samples.
     """
-    sigma = adaptive_sigma(x, ctx.lo.to(x.device), ctx.hi.to(x.device), confidence)  # (B, C, H, W)
+    sigma = adaptive_sigma(x, ctx.bounds.lo.to(x.device), ctx.bounds.hi.to(x.device), confidence)  # (B, C, H, W)
     eps = gaussian(generators, int(samples), x) * sigma[:, None]  # (B, N, C, H, W)
     points = torch.cat([x[:, None], x[:, None] + eps], dim=1)  # (B, N+1, C, H, W): the clean input first
     stats = SampleStats()
     stream_gradients(oracle, points, target, stats)
     assert stats.mean is not None
-    return stats.result(stats.mean, sigma_mean=sigma.flatten(1).mean(1))
+    return sample_result(stats, stats.mean, sigma_mean=sigma.flatten(1).mean(1))

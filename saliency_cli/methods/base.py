@@ -1,4 +1,4 @@
-"""What every method shares: the registry, the call context, noise draws and a streaming sample mean.
+"""What every method shares: the registry, the call context, noise draws, chunked gradient streams, baselines.
 
 A method is a pure function
 
@@ -6,7 +6,7 @@ A method is a pure function
 
 x: (B, C, H, W) normalised inputs on the model's device; target: (B,) class indices; generators: one
 `torch.Generator` per image, on x's device, seeded from (run seed, image bytes); ctx: input bounds and the run
-seed. It returns a raw, signed (B, C, H, W) float32 map; reduction and display are done elsewhere.
+seed and the metric scorer. It returns a raw, signed (B, C, H, W) float32 map; reduction and display are done elsewhere.
 """
 
 from __future__ import annotations
@@ -18,19 +18,32 @@ from typing import Any
 
 import torch
 
+from saliency_cli.data import InputRange
+from saliency_cli.methods.settings import BASELINES, QUADRATURES, SETTINGS, Setting
+from saliency_cli.numerics import SampleStats, gauss_legendre, quadrature
 from saliency_cli.oracle import GradientOracle
+
+__all__ = ["BASELINES", "QUADRATURES", "Attribution", "InputRange", "METHODS", "Method", "MethodContext",
+           "SampleStats", "expand_target", "gaussian", "gauss_legendre", "quadrature", "register",
+           "relative_sigma", "sample_chunks", "sample_result", "stream_gradients"]
 
 
 @dataclass
-class Context:
-    """What a method may need besides the inputs: the valid input range and the run seed."""
+class MethodContext:
+    """What a method may need besides its inputs.
 
-    lo: torch.Tensor  # (C, 1, 1) smallest valid normalised value per channel (pixel value 0)
-    hi: torch.Tensor  # (C, 1, 1) largest valid normalised value per channel (pixel value 1)
+    bounds: the valid range of the normalised input, per channel. seed: the run seed, for draws that every
+    image of a run shares (the noisy models of noisegrad). scorer: how a method that tunes itself against a
+    quality metric scores candidate maps (SmoothTaylor's adaptive noising); the pipeline passes the metric
+    registry's `score_maps`, so a method never imports the metrics.
+    """
+
+    bounds: InputRange
     seed: int = 0
+    scorer: Scorer | None = None
 
-    def to(self, device: torch.device) -> Context:
-        return Context(lo=self.lo.to(device), hi=self.hi.to(device), seed=self.seed)
+    def to(self, device: torch.device) -> MethodContext:
+        return MethodContext(self.bounds.to(device), self.seed, self.scorer)
 
 
 @dataclass
@@ -42,11 +55,21 @@ class Attribution:
 
 
 MethodFn = Callable[..., Attribution]
+# scorer(metric name, oracle, x (B, C, H, W), target (B,), maps (B, C, H, W) or (B, H, W)) -> (B,) values
+Scorer = Callable[[str, GradientOracle, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# resolver(value, oracle, calibration images (N, C, H, W), ctx) -> the run-level value
+Resolver = Callable[[Any, GradientOracle, torch.Tensor, "MethodContext"], Any]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method and its metadata (listed by `saliency methods`)."""
+    """A registered method and its metadata (listed by `saliency methods`).
+
+    defaults: the value of each hyper-parameter (every key is a row of `settings.SETTINGS`). cost(hyper): model
+    passes per image at those settings. resolvers: run-level hooks `{setting: fn(value, oracle, x, ctx)}` that
+    turn a value such as `auto` into a number once per run, on the run's calibration images, before the method
+    is called (the method also resolves it itself when called directly).
+    """
 
     name: str
     fn: MethodFn
@@ -58,24 +81,38 @@ class Method:
     reduce: str = "abs-sum"  # default channel reduction for display and .npy
     needs_gradients: bool = True
     cheap: dict[str, Any] = field(default_factory=dict)  # settings recommended where the defaults are slow
+    resolvers: dict[str, Resolver] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> list[Setting]:
+        return [SETTINGS[k] for k in self.defaults]
 
 
-REGISTRY: dict[str, Method] = {}
+METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, summary: str, paper: str, defaults: dict[str, Any], stochastic: bool,
              cost: Callable[[dict[str, Any]], int], reduce: str = "abs-sum", needs_gradients: bool = True,
-             cheap: dict[str, Any] | None = None) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn` under its CLI name."""
+             cheap: dict[str, Any] | None = None,
+             resolvers: dict[str, Resolver] | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Register `fn` under its CLI name. Every hyper-parameter must have a row in the settings table."""
 
     def wrap(fn: MethodFn) -> MethodFn:
-        if name in REGISTRY:
+        if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        REGISTRY[name] = Method(name, fn, summary, paper, dict(defaults), stochastic, cost, reduce,
-                                needs_gradients, dict(cheap or {}))
+        missing = [k for k in defaults if k not in SETTINGS]
+        if missing:
+            raise ValueError(f"method {name!r}: no settings row for {', '.join(missing)} (methods/settings.py)")
+        METHODS[name] = Method(name, fn, summary, paper, dict(defaults), stochastic, cost, reduce,
+                               needs_gradients, dict(cheap or {}), dict(resolvers or {}))
         return fn
 
     return wrap
+
+
+def sample_result(stats: SampleStats, maps: torch.Tensor, **extra: torch.Tensor) -> Attribution:
+    """The attribution of a sampled estimate: NaN maps where every sample was dropped, the dropped count."""
+    return Attribution(*stats.result(maps, **extra))
 
 
 # -- noise ------------------------------------------------------------------------------------------------
@@ -98,65 +135,6 @@ def gaussian(generators: list[torch.Generator], n: int, like: torch.Tensor) -> t
 def expand_target(target: torch.Tensor, n: int) -> torch.Tensor:
     """(B,) -> (B*n,), each target repeated for its n samples."""
     return target.repeat_interleave(n)
-
-
-# -- streaming statistics over samples ---------------------------------------------------------------------
-class SampleStats:
-    """Streaming mean and variance over samples (Chan/Welford merge of chunks), dropping non-finite samples.
-
-    update(values (B, k, ...)) adds k samples per image. Samples with any NaN/Inf are left out and counted.
-    """
-
-    def __init__(self) -> None:
-        self.count: torch.Tensor | None = None  # (B,)
-        self.mean: torch.Tensor | None = None  # (B, ...)
-        self.m2: torch.Tensor | None = None
-        self.dropped: torch.Tensor | None = None
-
-    def update(self, values: torch.Tensor) -> None:
-        values = values.float()
-        b, k = values.shape[:2]
-        ok = torch.isfinite(values.reshape(b, k, -1)).all(-1)  # (B, k)
-        w = ok.to(values.dtype).view(b, k, *([1] * (values.dim() - 2)))
-        clean = torch.where(w.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
-        n_new = ok.sum(1).to(values.dtype)  # (B,)
-        shape = (b, *([1] * (values.dim() - 2)))
-        mean_new = clean.sum(1) / n_new.clamp(min=1).view(shape)
-        m2_new = (w * (clean - mean_new[:, None]) ** 2).sum(1)
-        dropped_new = (k - ok.sum(1)).to(torch.int64)
-        if self.count is None:
-            self.count, self.mean, self.m2, self.dropped = n_new, mean_new, m2_new, dropped_new
-            return
-        assert self.mean is not None and self.m2 is not None and self.dropped is not None
-        n = self.count + n_new
-        frac = (n_new / n.clamp(min=1)).view(shape)
-        delta = mean_new - self.mean
-        self.mean = self.mean + delta * frac
-        self.m2 = self.m2 + m2_new + delta**2 * (self.count * frac.flatten()).view(shape)
-        self.count = n
-        self.dropped = self.dropped + dropped_new
-
-    def _n(self) -> torch.Tensor:
-        assert self.count is not None and self.mean is not None
-        return self.count.clamp(min=1).view(-1, *([1] * (self.mean.dim() - 1)))
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Population variance (divides by the number of finite samples)."""
-        assert self.m2 is not None
-        return self.m2 / self._n()
-
-    @property
-    def mean_square(self) -> torch.Tensor:
-        assert self.mean is not None
-        return self.variance + self.mean**2
-
-    def result(self, maps: torch.Tensor, **stats: torch.Tensor) -> Attribution:
-        """Package maps with the dropped-sample count; images whose samples were all dropped become NaN."""
-        assert self.count is not None and self.dropped is not None
-        empty = (self.count == 0).view(-1, *([1] * (maps.dim() - 1)))
-        maps = torch.where(empty, torch.full_like(maps, float("nan")), maps)
-        return Attribution(maps, {"dropped_samples": self.dropped, **stats})
 
 
 def sample_chunks(n: int, batch_images: int, batch_size: int) -> Iterator[slice]:
@@ -183,58 +161,3 @@ def stream_gradients(oracle: GradientOracle, points: torch.Tensor, target: torch
         g, _ = oracle.gradients(chunk.reshape(b * k, *chunk.shape[2:]), expand_target(target, k))
         g = g.view(b, k, *chunk.shape[2:])  # (B*k, C, H, W) -> (B, k, C, H, W)
         stats.update(transform(g, sl) if transform is not None else g)
-
-
-def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes and weights of n-point Gauss-Legendre quadrature on [0, 1] (weights sum to 1)."""
-    import numpy as np
-
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    return torch.tensor((nodes + 1) / 2, dtype=torch.float64), torch.tensor(weights / 2, dtype=torch.float64)
-
-
-def quadrature(rule: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points a_k in [0, 1] and weights w_k (summing to 1) of an n-point rule for integral_0^1 h(a) da."""
-    k = torch.arange(n, dtype=torch.float64)
-    if rule == "gausslegendre":
-        return gauss_legendre(n)
-    if rule == "riemann-left":
-        return k / n, torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if rule == "riemann-right":
-        return (k + 1) / n, torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if rule == "riemann-middle":
-        return (k + 0.5) / n, torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if rule == "trapezoid":
-        if n < 2:
-            raise ValueError("the trapezoid rule needs at least 2 points")
-        w = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
-        w[0] = w[-1] = 0.5 / (n - 1)
-        return k / (n - 1), w
-    raise ValueError(f"unknown quadrature {rule!r}")
-
-
-QUADRATURES = ("gausslegendre", "riemann-left", "riemann-right", "riemann-middle", "trapezoid")
-BASELINES = ("black", "mean", "blur", "uniform")
-
-
-def baseline(x: torch.Tensor, kind: str, ctx: Context, generators: list[torch.Generator]) -> torch.Tensor:
-    """Reference inputs defined in pixel space, then normalised like x: (B, C, H, W).
-
-    black: pixel value 0. mean: the normalisation mean colour (0 in normalised space). blur: the image under a
-    Gaussian blur (sigma 5 % of its side; blur commutes with the per-channel affine normalisation). uniform:
-    uniform random pixels from each image's generator.
-    """
-    if kind == "black":
-        return ctx.lo.expand_as(x[0]).expand_as(x).clone()
-    if kind == "mean":
-        return torch.zeros_like(x)
-    if kind == "blur":
-        from torchvision.transforms.functional import gaussian_blur
-
-        sigma = max(1.0, 0.05 * min(x.shape[-2:]))
-        size = 2 * math.ceil(3 * sigma) + 1
-        return gaussian_blur(x, [size, size], [sigma, sigma])
-    if kind == "uniform":
-        u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device) for g in generators])
-        return ctx.lo + u * (ctx.hi - ctx.lo)
-    raise ValueError(f"unknown baseline {kind!r}")

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import torch
 
-from saliency_cli.methods.base import BASELINES, Attribution, Context, expand_target, quadrature, register
-from saliency_cli.methods.base import baseline as make_baseline
+from saliency_cli.data import baseline as make_baseline
+from saliency_cli.methods.base import BASELINES, Attribution, MethodContext, expand_target, quadrature, register
+from saliency_cli.methods.settings import GGIG_REDUCTIONS
 from saliency_cli.oracle import GradientOracle
 
-REDUCTIONS = ("max", "trapezoid")
+REDUCTIONS = GGIG_REDUCTIONS
 
 
 def path_nodes(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ def straight_path(x: torch.Tensor, ref: torch.Tensor, alphas: torch.Tensor) -> t
           stochastic=False, cost=lambda h: h["steps"] * h["iterations"], reduce="sum",
           cheap={"steps": 11, "iterations": 20})
 def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, generators: list[torch.Generator],
-         ctx: Context, steps: int, iterations: int, step_size: float, baseline: str,
+         ctx: MethodContext, steps: int, iterations: int, step_size: float, baseline: str,
          ggig_reduce: str) -> Attribution:
     """The GGIG map (B, C, H, W), see the module docstring; steps = m + 1 path points, iterations = T.
 
@@ -78,7 +79,7 @@ def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, gener
         raise ValueError("steps and iterations must be at least 1")
     b, s = x.shape[0], steps
     alphas, weights = path_nodes(s, x.device)
-    ref = make_baseline(x, baseline, ctx, generators)  # (B, C, H, W); `mean` is 0 in normalised space
+    ref = make_baseline(x, baseline, ctx.bounds, generators)  # (B, C, H, W); `mean` is 0 in normalised space
     points = straight_path(x, ref, alphas).flatten(0, 1)  # (B, S, C, H, W) -> (B*S, C, H, W)
     targets = expand_target(target, s)  # (B*S,)
     best = torch.full_like(points, float("-inf"))  # running max over steps, per point

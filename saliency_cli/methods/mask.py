@@ -38,8 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from saliency_cli.methods.base import BASELINES, Attribution, Context, expand_target, register
-from saliency_cli.methods.base import baseline as make_baseline
+from saliency_cli.data import baseline as make_baseline
+from saliency_cli.methods.base import BASELINES, Attribution, MethodContext, expand_target, register
 from saliency_cli.oracle import GradientOracle
 
 NEW_CELL_PENALTY = 0.02  # per unit of |p - p_prev|, from the reference
@@ -71,13 +71,20 @@ def saliency_from_sum(total: torch.Tensor) -> torch.Tensor:
     return centred / top.clamp(min=torch.finfo(top.dtype).tiny)
 
 
+def _passes(iterations: int, chains: int) -> int:
+    """Forward passes per image: K = min(chains, iterations) chains of iterations // K steps."""
+    k = min(chains, iterations)
+    return k * (iterations // k)
+
+
 @register("mask", summary="Black-box: masks kept while the class survives, many chains as one batch",
           paper="Thakur & Fischmeister, ICPR 2020, arXiv:2006.09504",
           defaults={"grid": 8, "iterations": 5000, "chains": 64, "keep": 0.3, "baseline": "black"},
-          stochastic=True, cost=lambda h: h["iterations"], reduce="max-abs", needs_gradients=False,
+          stochastic=True, cost=lambda h: _passes(int(h["iterations"]), int(h["chains"])), reduce="max-abs",
+          needs_gradients=False,
           cheap={"iterations": 2560, "chains": 64})
 def mask(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, generators: list[torch.Generator],
-         ctx: Context, grid: int, iterations: int, chains: int, keep: float, baseline: str) -> Attribution:
+         ctx: MethodContext, grid: int, iterations: int, chains: int, keep: float, baseline: str) -> Attribution:
     """The mask-optimisation saliency (B, C, H, W), the same [0, 1] map in every channel; see the module docstring.
 
     grid: s, cells per side. iterations: forward passes per image over all chains. chains: K, run as one batch
@@ -94,7 +101,7 @@ def mask(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, gener
     k = min(chains, iterations)
     n_steps = iterations // k
     cells = grid * grid
-    ref = make_baseline(x, baseline, ctx, generators)  # (B, C, H, W)
+    ref = make_baseline(x, baseline, ctx.bounds, generators)  # (B, C, H, W)
     delta = x - ref
     # Every random number an image needs, from its own generator in one call, so its map does not depend on
     # the batch: row 0 [:cells] = initial states; row t [cells:] = the shift of step t; row t+1 [:cells] = the

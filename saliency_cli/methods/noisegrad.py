@@ -13,7 +13,6 @@ reference's display (it averages abs, channel-summed maps; ours averages first a
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -21,13 +20,15 @@ import torch
 
 from saliency_cli.methods.base import (
     Attribution,
-    Context,
+    MethodContext,
     SampleStats,
     gaussian,
     register,
     relative_sigma,
+    sample_result,
     stream_gradients,
 )
+from saliency_cli.numerics import derive_seed, seeded_generator
 from saliency_cli.oracle import GradientOracle
 
 PAPER = "Bykov, Hedström, Nakajima, Höhne 2022, AAAI, arXiv:2106.10185"
@@ -40,13 +41,12 @@ FUSION_NOISE = 0.085
 
 def weight_generator(seed: int, m: int, device: torch.device | str) -> torch.Generator:
     """The generator of noisy model m, on the parameters' device: a function of (run seed, m) only."""
-    digest = hashlib.sha256(f"weight-noise:{seed}:{m}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return seeded_generator(derive_seed("weight-noise", seed, m), device)
 
 
-def _weight_noise(value: Any, oracle: GradientOracle, x: torch.Tensor, ctx: Context) -> float:
-    """`s` as a float >= 0. `auto` is calibrated here on x (the CLI calibrates once per run instead, on the run's
-    images, and passes the number)."""
+def resolve_weight_noise(value: Any, oracle: GradientOracle, x: torch.Tensor, ctx: MethodContext) -> float:
+    """`s` as a float >= 0. `auto` is calibrated on x: the pipeline calls this once per run on the run's
+    calibration images (its registered resolver) and passes the number; a direct call calibrates on its batch."""
     if value == "auto":
         return calibrate_weight_noise(oracle, x, seed=ctx.seed)
     if isinstance(value, str):
@@ -67,8 +67,9 @@ WEIGHT_NOISE_DEFAULT = "auto"
 def _parameter_device(oracle: GradientOracle, s: float) -> torch.device:
     """Where the weight noise is drawn. A model without parameters (e.g. a frozen TorchScript module, whose
     weights became constants) cannot be perturbed: refuse rather than silently return the plain gradient."""
-    for p in oracle.model.parameters():
-        return p.device
+    device = oracle.parameter_device()
+    if device is not None:
+        return device
     if s > 0:
         raise ValueError("the model exposes no parameters (a frozen TorchScript module?): weight noise cannot be "
                          "applied")
@@ -77,9 +78,10 @@ def _parameter_device(oracle: GradientOracle, s: float) -> torch.device:
 
 @register("noisegrad", summary="Mean gradient over M models with multiplicative N(1, s^2) weight noise",
           paper=PAPER, defaults={"weight_noise": WEIGHT_NOISE_DEFAULT, "models": 10}, stochastic=True,
-          cost=lambda h: int(h["models"]), reduce="abs-sum")
+          cost=lambda h: int(h["models"]), reduce="abs-sum", resolvers={"weight_noise": resolve_weight_noise})
 def noisegrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-              generators: list[torch.Generator], ctx: Context, weight_noise: float | str, models: int) -> Attribution:
+              generators: list[torch.Generator], ctx: MethodContext, weight_noise: float | str,
+              models: int) -> Attribution:
     """mean_m g_m(x), where g_m is the input gradient of the target score under weights `theta * eta_m`,
     `eta_m ~ N(1, s^2)` elementwise, s = weight_noise. (B, C, H, W)
 
@@ -88,26 +90,27 @@ def noisegrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     image's gradient pass).
     stats: weight_noise (B,), the s used; dropped_samples, noisy models whose gradient was not finite.
     """
-    s = _weight_noise(weight_noise, oracle, x, ctx)
+    s = resolve_weight_noise(weight_noise, oracle, x, ctx)
     device = _parameter_device(oracle, s)
     stats = SampleStats()
-    with oracle.weights_perturbed() as perturb:
+    with oracle.parameters_edited() as editor:
         for m in range(int(models)):  # one noisy model at a time: all images of the batch go through it at once
-            perturb(weight_generator(ctx.seed, m, device), s)
+            editor.scale_by_noise(weight_generator(ctx.seed, m, device), s)
             g, _ = oracle.gradients(x, target)
             stats.update(g[:, None])  # (B, C, H, W) -> (B, 1, C, H, W): one sample per image
     assert stats.mean is not None
-    return stats.result(stats.mean, weight_noise=torch.full((x.shape[0],), s, dtype=torch.float64, device=x.device))
+    s_used = torch.full((x.shape[0],), s, dtype=torch.float64, device=x.device)
+    return sample_result(stats, stats.mean, weight_noise=s_used)
 
 
 @register("fusiongrad", summary="SmoothGrad on each of M weight-noised models (NoiseGrad x SmoothGrad)",
           paper=PAPER,
           defaults={"weight_noise": WEIGHT_NOISE_DEFAULT, "models": 10, "noise": FUSION_NOISE, "samples": 10},
           stochastic=True, cost=lambda h: int(h["models"]) * int(h["samples"]), reduce="abs-sum",
-          cheap={"models": 5, "samples": 5})
+          cheap={"models": 5, "samples": 5}, resolvers={"weight_noise": resolve_weight_noise})
 def fusiongrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-               generators: list[torch.Generator], ctx: Context, weight_noise: float | str, models: int, noise: float,
-               samples: int) -> Attribution:
+               generators: list[torch.Generator], ctx: MethodContext, weight_noise: float | str, models: int,
+               noise: float, samples: int) -> Attribution:
     """mean_m mean_n g_m(x + e_mn), e_mn ~ N(0, sigma^2), sigma = noise * (max(x) - min(x)) per image, and g_m
     the gradient under weights `theta * eta_m`, `eta_m ~ N(1, s^2)`. (B, C, H, W)
 
@@ -116,19 +119,20 @@ def fusiongrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     the map does not depend on chunking; the N inputs of a noisy model go through it as one batch.
     stats: sigma (B,), the absolute input noise; weight_noise (B,); dropped_samples.
     """
-    s = _weight_noise(weight_noise, oracle, x, ctx)
+    s = resolve_weight_noise(weight_noise, oracle, x, ctx)
     device = _parameter_device(oracle, s)
     b, n_models, n = x.shape[0], int(models), int(samples)
     sigma = relative_sigma(x, noise)  # (B,)
     eps = gaussian(generators, n_models * n, x) * sigma.view(-1, 1, 1, 1, 1)  # (B, M*N, C, H, W)
     eps = eps.view(b, n_models, n, *x.shape[1:])  # (B, M*N, C, H, W) -> (B, M, N, C, H, W)
     stats = SampleStats()
-    with oracle.weights_perturbed() as perturb:
+    with oracle.parameters_edited() as editor:
         for m in range(n_models):
-            perturb(weight_generator(ctx.seed, m, device), s)
+            editor.scale_by_noise(weight_generator(ctx.seed, m, device), s)
             stream_gradients(oracle, x[:, None] + eps[:, m], target, stats)
     assert stats.mean is not None
-    return stats.result(stats.mean, sigma=sigma, weight_noise=torch.full((b,), s, dtype=torch.float64, device=x.device))
+    s_used = torch.full((b,), s, dtype=torch.float64, device=x.device)
+    return sample_result(stats, stats.mean, sigma=sigma, weight_noise=s_used)
 
 
 # -- choosing s -----------------------------------------------------------------------------------------
@@ -145,9 +149,9 @@ def weight_noise_agreement(oracle: GradientOracle, x: torch.Tensor, weight_noise
     if clean is None:
         clean = oracle.logits(x).argmax(1)
     agree = 0
-    with oracle.weights_perturbed() as perturb:
+    with oracle.parameters_edited() as editor:
         for m in range(int(models)):
-            perturb(weight_generator(seed, m, device), s)
+            editor.scale_by_noise(weight_generator(seed, m, device), s)
             agree += int((oracle.logits(x).argmax(1) == clean).sum())
     return agree / (int(models) * x.shape[0])
 

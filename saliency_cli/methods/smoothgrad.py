@@ -10,11 +10,12 @@ import torch
 
 from saliency_cli.methods.base import (
     Attribution,
-    Context,
+    MethodContext,
     SampleStats,
     gaussian,
     register,
     relative_sigma,
+    sample_result,
     stream_gradients,
 )
 from saliency_cli.oracle import GradientOracle
@@ -37,28 +38,28 @@ def noisy_gradient_stats(oracle: GradientOracle, x: torch.Tensor, target: torch.
 @register("smoothgrad", summary="Mean gradient over Gaussian input noise", paper=PAPER, defaults=DEFAULTS,
           stochastic=True, cost=lambda h: h["samples"])
 def smoothgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-               generators: list[torch.Generator], ctx: Context, noise: float, samples: int) -> Attribution:
+               generators: list[torch.Generator], ctx: MethodContext, noise: float, samples: int) -> Attribution:
     """mean_n g(x + e_n). (B, C, H, W)"""
     stats, sigma = noisy_gradient_stats(oracle, x, target, generators, noise, samples)
     assert stats.mean is not None
-    return stats.result(stats.mean, sigma=sigma)
+    return sample_result(stats, stats.mean, sigma=sigma)
 
 
 @register("smoothgrad-sq", summary="Mean squared gradient over Gaussian input noise",
           paper="Hooker et al. 2019, arXiv:1806.10758", defaults=DEFAULTS, stochastic=True,
           cost=lambda h: h["samples"], reduce="sum")
 def smoothgrad_sq(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-                  generators: list[torch.Generator], ctx: Context, noise: float, samples: int) -> Attribution:
+                  generators: list[torch.Generator], ctx: MethodContext, noise: float, samples: int) -> Attribution:
     """mean_n g(x + e_n)^2. (B, C, H, W), non-negative."""
     stats, sigma = noisy_gradient_stats(oracle, x, target, generators, noise, samples)
-    return stats.result(stats.mean_square, sigma=sigma)
+    return sample_result(stats, stats.mean_square, sigma=sigma)
 
 
 @register("vargrad", summary="Variance of the gradient over Gaussian input noise",
           paper="Adebayo et al. 2018, arXiv:1810.03307", defaults=DEFAULTS, stochastic=True,
           cost=lambda h: h["samples"], reduce="sum")
 def vargrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-            generators: list[torch.Generator], ctx: Context, noise: float, samples: int) -> Attribution:
+            generators: list[torch.Generator], ctx: MethodContext, noise: float, samples: int) -> Attribution:
     """mean_n g^2 - (mean_n g)^2, from a Welford accumulator. (B, C, H, W), non-negative."""
     stats, sigma = noisy_gradient_stats(oracle, x, target, generators, noise, samples)
-    return stats.result(stats.variance, sigma=sigma)
+    return sample_result(stats, stats.variance, sigma=sigma)

@@ -18,13 +18,15 @@ import torch
 
 from saliency_cli.methods.base import (
     Attribution,
-    Context,
+    MethodContext,
     SampleStats,
     gaussian,
     register,
     relative_sigma,
+    sample_result,
     stream_gradients,
 )
+from saliency_cli.methods.settings import OBJECTIVES
 from saliency_cli.oracle import GradientOracle
 
 PAPER = "Goh, Lapuschkin, Weber, Samek, Binder 2021, ICPR 2020, arXiv:2004.10484"
@@ -50,10 +52,9 @@ def smoothtaylor_at(oracle: GradientOracle, x: torch.Tensor, target: torch.Tenso
     # (x - z_n) * g(z_n) = -e_n * g(z_n), formed chunk by chunk as the gradients arrive
     stream_gradients(oracle, x[:, None] + eps, target, stats, transform=lambda g, sl: -eps[:, sl] * g)
     assert stats.mean is not None
-    return stats.result(stats.mean, sigma=sigma.clone())
+    return sample_result(stats, stats.mean, sigma=sigma.clone())
 
 
-OBJECTIVES = ("noise", "aupc")
 
 
 @register("smoothtaylor", summary="Mean first-order Taylor term around Gaussian roots near the input",
@@ -61,7 +62,7 @@ OBJECTIVES = ("noise", "aupc")
           cost=lambda h: int(h["samples"]) * (1 if h["noise"] != "auto" else 2 * ADAPTIVE_MAX_STEPS + 1),
           reduce="abs-sum", cheap={"samples": 50})
 def smoothtaylor(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-                 generators: list[torch.Generator], ctx: Context, noise: float | str, samples: int,
+                 generators: list[torch.Generator], ctx: MethodContext, noise: float | str, samples: int,
                  objective: str = "noise") -> Attribution:
     """mean_n (x - z_n) * g(z_n), z_n = x + e_n, e_n ~ N(0, sigma^2), sigma = noise * (max(x) - min(x)). (B, C, H, W)
 
@@ -80,7 +81,7 @@ ADAPTIVE_MAX_STEPS = 20
 
 
 def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, unit: torch.Tensor,
-                          ctx: Context, objective: str, *, step: float = 0.1, shrink: float = 0.9,
+                          ctx: MethodContext, objective: str, *, step: float = 0.1, shrink: float = 0.9,
                           patience: int = 3, max_steps: int = ADAPTIVE_MAX_STEPS) -> Attribution:
     """The paper's adaptive noising: a greedy 1-D search over the absolute sigma of each image, lower objective
     is better. Start at mean|x|; each step tries sigma + step and sigma - step (the better of the two, if it beats
@@ -90,15 +91,16 @@ def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch
     the batch search side by side: one SmoothTaylor call per candidate direction for the whole batch.
     (B, C, H, W); stats: sigma (B,) chosen, objective (B,) its value, dropped_samples.
     """
-    from saliency_cli.evaluate.run import score_maps  # the metrics live with `saliency evaluate`
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    if ctx.scorer is None:
+        raise ValueError("smoothtaylor --noise auto needs a metric scorer in its context (ctx.scorer)")
+    scorer = ctx.scorer
     b = x.shape[0]
 
     def evaluate(sigma: torch.Tensor) -> tuple[Attribution, torch.Tensor]:
         result = smoothtaylor_at(oracle, x, target, sigma, unit)
-        return result, score_maps(objective, oracle, x, target, result.maps, ctx).float()
+        return result, scorer(objective, oracle, x, target, result.maps).float()
 
     sigma = x.abs().flatten(1).mean(1)  # (B,)
     best, best_value = evaluate(sigma)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from saliency_cli.errors import UsageError
-from saliency_cli.evaluate.base import Batch, Scores, register
+from saliency_cli.metrics.base import Batch, Scores, register
 
 Box = tuple[float, float, float, float]
 MASK_SUFFIXES = {".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".npy"}

@@ -11,18 +11,23 @@ curve metrics, the curve of every row. Adding a metric = one function with `@reg
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from saliency_cli.methods.base import Context
-from saliency_cli.methods.base import baseline as method_baseline
+from saliency_cli.data import InputRange
+from saliency_cli.data import baseline as method_baseline
+from saliency_cli.errors import UsageError
+from saliency_cli.numerics import mean_ci95, purpose_seed, seeded_generator
 from saliency_cli.oracle import GradientOracle
 
-BASELINES = ("blur", "mean", "black")
+__all__ = ["BASELINES", "METRICS", "Batch", "CurveOutputs", "Metric", "MetricFn", "Scores", "flat_rank",
+           "mean_curves", "merge_options", "perturbation_curve", "pixel_thresholds", "register"]
+
+BASELINES = ("blur", "mean", "black")  # the infills of removed pixels a metric may use (--baseline)
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Batch:
     x: torch.Tensor
     target: torch.Tensor
     maps: torch.Tensor
-    ctx: Context
+    bounds: InputRange  # the valid range of the normalised input, on the batch's device
     baseline: str = "blur"
     seeds: list[int] = field(default_factory=list)  # one per row: run seed and image bytes (data.image_seed)
     regions: torch.Tensor | None = None
@@ -53,24 +58,14 @@ class Batch:
         """One generator per row for `purpose` (a metric name), seeded from the row's seed and the purpose, so
         every method of an image is scored against the same random draws (paired comparison) while
         different metrics draw independently."""
-        out = []
-        for s in self.seeds or [0] * len(self):
-            seed = (s * 1_000_003 + _stable_hash(purpose)) & ((1 << 63) - 1)
-            out.append(torch.Generator(device=self.device).manual_seed(seed))
-        return out
+        return [seeded_generator(purpose_seed(s, purpose), self.device) for s in self.seeds or [0] * len(self)]
 
     def reference(self) -> torch.Tensor:
         """The infill of removed pixels (R, C, H, W): the input blurred, the mean colour, or black; defined in
         pixel space and normalised like the input (methods.base.baseline). Computed once per batch."""
         if self.ref is None:
-            self.ref = method_baseline(self.x, self.baseline, self.ctx, self.generators("baseline"))
+            self.ref = method_baseline(self.x, self.baseline, self.bounds, self.generators("baseline"))
         return self.ref
-
-
-def _stable_hash(text: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 @dataclass
@@ -108,7 +103,7 @@ class Metric:
     default: bool = True  # part of the default metric set
 
 
-REGISTRY: dict[str, Metric] = {}
+METRICS: dict[str, Metric] = {}
 
 
 def register(name: str, *, summary: str, paper: str, higher_is_better: bool, defaults: dict[str, Any],
@@ -117,14 +112,23 @@ def register(name: str, *, summary: str, paper: str, higher_is_better: bool, def
     """Register `fn` under its CLI name (the `--metrics` value)."""
 
     def wrap(fn: MetricFn) -> MetricFn:
-        if name in REGISTRY:
+        if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
         family = fn.__module__.rsplit(".", 1)[-1]
-        REGISTRY[name] = Metric(name, fn, summary, paper, higher_is_better, dict(defaults), cost, family,
+        METRICS[name] = Metric(name, fn, summary, paper, higher_is_better, dict(defaults), cost, family,
                                 needs_regions, default)
         return fn
 
     return wrap
+
+
+def merge_options(name: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A metric's (or sanity check's) options: its defaults, overridden by `given`; an unknown key is a UsageError."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise UsageError(f"{name}: unknown option(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(defaults) or 'none'})")
+    return {**defaults, **given}
 
 
 # -- helpers shared by the metrics ------------------------------------------------------------------------
@@ -138,14 +142,6 @@ def flat_rank(maps: torch.Tensor, descending: bool = True) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(flat.shape[1], device=maps.device).expand(r, -1))
     return rank.view_as(maps)
-
-
-def trapezoid_mean(curves: torch.Tensor) -> torch.Tensor:
-    """Area under (R, S) curves sampled at S evenly spaced points of [0, 1] (trapezoid rule): (R,)."""
-    s = curves.shape[1]
-    if s == 1:
-        return curves[:, 0].clone()
-    return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * (s - 1))
 
 
 @dataclass
@@ -193,65 +189,10 @@ def pixel_thresholds(n_pixels: int, steps: int, device: torch.device) -> torch.T
     return torch.round(torch.linspace(0, n_pixels, steps + 1, device=device, dtype=torch.float64)).long()
 
 
-# -- statistics -------------------------------------------------------------------------------------------
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with df degrees of freedom (table; between entries the next smaller
-    df's value, which is conservative; 1.96 beyond 120)."""
-    if df < 1:
-        raise ValueError("df must be at least 1")
-    if df in _T975:
-        return _T975[df]
-    if df > 120:
-        return 1.96
-    return _T975[max(k for k in _T975 if k < df)]
-
-
-def mean_ci95(values: list[float]) -> dict[str, float | int | None]:
-    """Mean, half-width of its 95 % confidence interval (t interval, sample std) and n of the finite values.
-
-    ci95 is None when n < 2; mean is None when n = 0."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(finite)
-    if n == 0:
-        return {"mean": None, "ci95": None, "n": 0}
-    mean = sum(finite) / n
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    var = sum((v - mean) ** 2 for v in finite) / (n - 1)
-    return {"mean": mean, "ci95": t_quantile_975(n - 1) * math.sqrt(var / n), "n": n}
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of a and b, (R, ...) each -> (R,). Ties get their average rank.
-    NaN where a row is constant."""
-    ra, rb = average_ranks(a.reshape(a.shape[0], -1)), average_ranks(b.reshape(b.shape[0], -1))
-    return pearson(ra, rb)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each row, (R, N) each -> (R,), in float64; NaN for a constant row."""
-    a = a.double() - a.double().mean(1, keepdim=True)
-    b = b.double() - b.double().mean(1, keepdim=True)
-    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
-    out = (a * b).sum(1) / den
-    return torch.where(den > 0, out, torch.full_like(out, float("nan"))).float()
-
-
-def average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..N-1 of each row of v (R, N), ties sharing their average rank: (R, N) float64."""
-    r, n = v.shape
-    values, order = v.sort(dim=1, stable=True)
-    new = torch.ones_like(values, dtype=torch.bool)
-    new[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = new.long().cumsum(1) - 1  # (R, N) tie-group id of each sorted position
-    pos = torch.arange(n, device=v.device, dtype=torch.float64).expand(r, -1)
-    sums = torch.zeros(r, n, dtype=torch.float64, device=v.device).scatter_add_(1, group, pos)
-    counts = torch.zeros(r, n, dtype=torch.float64, device=v.device).scatter_add_(1, group, torch.ones_like(pos))
-    avg = sums.gather(1, group) / counts.gather(1, group)
-    return torch.empty_like(avg).scatter_(1, order, avg)
+# -- statistics over rows ---------------------------------------------------------------------------------
+def mean_curves(curves: list[list[float]]) -> dict[str, Any]:
+    """Mean and 95 % CI half-width at each point of equally long curves (the most common length)."""
+    length = Counter(len(c) for c in curves).most_common(1)[0][0]
+    same = [c for c in curves if len(c) == length]
+    stats = [mean_ci95([c[i] for c in same]) for i in range(length)]
+    return {"mean": [s["mean"] for s in stats], "ci95": [s["ci95"] for s in stats], "n": len(same)}

@@ -9,61 +9,90 @@
   the clean map is set against the class probability. A trustworthy map degrades in step with the model's
   confidence: the per-image value is the mean gap between the two curves (low is good).
 
-The model's parameters are always restored (in `finally`); buffers such as BatchNorm running statistics are
-never touched. Every draw comes from a `torch.Generator` seeded from the run seed and the stage, so each
-group of images sees the same randomised models.
+A check is registered like a metric (`@register_check`), with its metadata and its function
+
+    fn(oracle, recompute, probability, *, seed, **options) -> SanityResult
+
+and `evaluate` dispatches through `SANITY_CHECKS`. The parameters are only written through
+`GradientOracle.parameters_edited()`, which always restores them; buffers such as BatchNorm running statistics
+are never touched. Every draw comes from a `torch.Generator` seeded from the run seed and the stage
+(`numerics.purpose_seed`), so each group of images sees the same randomised models. A model without
+parameters (e.g. a frozen TorchScript module) cannot be checked: a SaliencyError says so.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from saliency_cli.evaluate.base import _stable_hash, spearman
+from saliency_cli.errors import SaliencyError
+from saliency_cli.numerics import purpose_seed, seeded_generator, spearman
+from saliency_cli.oracle import GradientOracle
 
 Recompute = Callable[[], torch.Tensor]  # maps (R, H, W) of the rows under the model as it is now
+Probability = Callable[[], torch.Tensor]  # softmax probability (R,) of the rows' targets under the model as it is now
+
+
+class SanityResult(Protocol):
+    """What a check returns for R rows: value (R,) one number per row; `shared`, what is the same for every row
+    (stage names, noise levels); `curves`, name -> (K, R) one curve per row (in evaluation.json per image)."""
+
+    value: torch.Tensor
+
+    @property
+    def shared(self) -> dict[str, Any]: ...
+
+    @property
+    def curves(self) -> dict[str, torch.Tensor]: ...
+
+
+SanityFn = Callable[..., SanityResult]
+# layout(mean curves by curve name) -> how a method's mean curves appear in evaluation.json
+CurveLayout = Callable[[dict[str, dict[str, Any]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class SanityCheck:
-    """A sanity check's metadata. cost(options): map recomputations per image (each costs the method's own
-    passes), plus `extra_forwards` forward passes per recomputation."""
+    """A registered sanity check and its metadata. cost(options): map recomputations per image (each costs the
+    method's own passes), plus `extra_forwards` forward passes per recomputation. layout: how the mean curves
+    of a method appear in evaluation.json."""
 
     name: str
+    fn: SanityFn
     summary: str
     paper: str
     higher_is_better: bool
     defaults: dict[str, Any]
     cost: Callable[[dict[str, Any]], int]
     extra_forwards: int = 0
+    layout: CurveLayout = dict
 
 
-SANITY: dict[str, SanityCheck] = {
-    "randomization": SanityCheck(
-        "randomization", "Spearman correlation of the map with the map of the fully re-drawn model (cascading)",
-        "Adebayo et al. 2018, Sanity Checks for Saliency Maps, arXiv:1810.03292", False,
-        {"max_stages": 12}, lambda o: o["max_stages"] + 1),
-    "perturbation": SanityCheck(
-        "perturbation", "Gap between map similarity and retained class probability under growing weight noise",
-        "Rahman et al. 2022, GGIG (model-perturbation check)", False,
-        {"grid": (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)}, lambda o: len(o["grid"]) + 1, 1),
-}
+SANITY_CHECKS: dict[str, SanityCheck] = {}
 
 
-@contextlib.contextmanager
-def parameters_restored(model: torch.nn.Module) -> Iterator[list[tuple[torch.nn.Parameter, torch.Tensor]]]:
-    """Yields (parameter, clean copy) pairs; every parameter gets its clean value back on exit."""
-    pairs = [(p, p.detach().clone()) for p in model.parameters()]
-    try:
-        yield pairs
-    finally:
-        with torch.no_grad():
-            for p, p0 in pairs:
-                p.copy_(p0)
+def register_check(name: str, *, summary: str, paper: str, higher_is_better: bool, defaults: dict[str, Any],
+                   cost: Callable[[dict[str, Any]], int], extra_forwards: int = 0,
+                   layout: CurveLayout = dict) -> Callable[[SanityFn], SanityFn]:
+    """Register a sanity check under its CLI name (the `--sanity` value)."""
+
+    def wrap(fn: SanityFn) -> SanityFn:
+        if name in SANITY_CHECKS:
+            raise ValueError(f"sanity check {name!r} registered twice")
+        SANITY_CHECKS[name] = SanityCheck(name, fn, summary, paper, higher_is_better, dict(defaults), cost,
+                                          extra_forwards, layout)
+        return fn
+
+    return wrap
+
+
+def _require_parameters(oracle: GradientOracle, check: str) -> None:
+    if oracle.parameter_device() is None:
+        raise SaliencyError(f"--sanity {check}: the model exposes no parameters to perturb (e.g. a frozen "
+                            "TorchScript module); run the check on a model whose weights can be edited")
 
 
 def layer_units(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
@@ -110,18 +139,6 @@ def cascade_stages(units: list[tuple[str, list[torch.nn.Parameter]]], max_stages
     return groups
 
 
-def _generator(device: torch.device, seed: int, purpose: str) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + _stable_hash(purpose)) & ((1 << 63) - 1))
-
-
-def _redraw(p: torch.nn.Parameter, generator: torch.Generator) -> None:
-    """p <- N(mean(p), std(p)^2) elementwise: a re-initialisation that keeps the tensor's scale, so the
-    activations of the re-drawn network neither explode nor vanish (model-agnostic; no layer-type table)."""
-    mean, std = p.detach().float().mean(), p.detach().float().std(unbiased=False)
-    draw = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-    p.copy_((mean + std * draw).to(p.dtype))
-
-
 @dataclass
 class RandomizationResult:
     """stages: the names of the groups re-drawn at each stage (top first; stage k includes 0..k);
@@ -135,24 +152,40 @@ class RandomizationResult:
     def __post_init__(self) -> None:
         self.value = self.correlations[-1]
 
+    @property
+    def shared(self) -> dict[str, Any]:
+        return {"stages": self.stages}
 
-def randomization(model: torch.nn.Module, recompute: Recompute, *, seed: int = 0, max_stages: int = 12
-                  ) -> RandomizationResult:
+    @property
+    def curves(self) -> dict[str, torch.Tensor]:
+        return {"correlations": self.correlations}
+
+
+@register_check("randomization",
+                summary="Spearman correlation of the map with the map of the fully re-drawn model (cascading)",
+                paper="Adebayo et al. 2018, Sanity Checks for Saliency Maps, arXiv:1810.03292",
+                higher_is_better=False, defaults={"max_stages": 12}, cost=lambda o: o["max_stages"] + 1,
+                layout=lambda means: dict(means["correlations"]))
+def randomization(oracle: GradientOracle, recompute: Recompute, probability: Probability | None = None, *,
+                  seed: int = 0, max_stages: int = 12) -> RandomizationResult:
     """Cascading randomisation from the classifier down (Adebayo 2018): after each stage, the Spearman rank
-    correlation of the recomputed maps with the clean ones. Cost: (stages + 1) map recomputations."""
+    correlation of the recomputed maps with the clean ones. Cost: (stages + 1) map recomputations.
+    probability: not used (the cascade compares maps only; every check takes the same arguments)."""
+    _require_parameters(oracle, "randomization")
     clean = recompute()
-    stages = cascade_stages(layer_units(model), max_stages)
+    stages = cascade_stages(layer_units(oracle.model), max_stages)
     device = clean.device
     out = []
-    with parameters_restored(model):
-        generator = _generator(next(model.parameters()).device, seed, "randomization")
+    with oracle.parameters_edited() as editor:
+        generator = seeded_generator(purpose_seed(seed, "randomization"), editor.device)
         for _, params in stages:
-            with torch.no_grad():
-                for p in params:
-                    _redraw(p, generator)
+            editor.redraw(params, generator)
             maps = recompute()
             out.append(spearman(maps, clean).to(device))
     return RandomizationResult([name for name, _ in stages], torch.stack(out))
+
+
+PERTURBATION_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -171,25 +204,31 @@ class PerturbationResult:
         retained = (self.probability[1:] / self.probability[:1].clamp(min=1e-12)).clamp(max=1.0)  # (T, R)
         self.value = (self.similarity[1:] - retained).abs().mean(0)
 
+    @property
+    def shared(self) -> dict[str, Any]:
+        return {"t": self.t}
 
-def perturbation(model: torch.nn.Module, recompute: Recompute, probability: Callable[[], torch.Tensor], *,
-                 seed: int = 0, grid: tuple[float, ...] | list[float] = SANITY["perturbation"].defaults["grid"]
-                 ) -> PerturbationResult:
+    @property
+    def curves(self) -> dict[str, torch.Tensor]:
+        return {"similarity": self.similarity, "probability": self.probability}
+
+
+@register_check("perturbation",
+                summary="Gap between map similarity and retained class probability under growing weight noise",
+                paper="Rahman et al. 2022, GGIG (model-perturbation check)", higher_is_better=False,
+                defaults={"grid": PERTURBATION_GRID}, cost=lambda o: len(o["grid"]) + 1, extra_forwards=1)
+def perturbation(oracle: GradientOracle, recompute: Recompute, probability: Probability, *, seed: int = 0,
+                 grid: tuple[float, ...] | list[float] = PERTURBATION_GRID) -> PerturbationResult:
     """GGIG's model-perturbation check: for each t in grid, W <- W0 + t * std(W0) * N(0, 1) for every parameter
     tensor (one generator per level; levels do not compound), then the maps and the target probabilities.
     Cost: len(grid) + 1 map recomputations and as many forward passes."""
+    _require_parameters(oracle, "perturbation")
     clean = recompute()
     sims = [torch.ones(clean.shape[0], device=clean.device)]
     probs = [probability()]
-    with parameters_restored(model) as pairs:
-        device = pairs[0][0].device if pairs else clean.device
+    with oracle.parameters_edited() as editor:
         for i, t in enumerate(grid):
-            generator = _generator(device, seed, f"perturbation:{i}")
-            with torch.no_grad():
-                for p, p0 in pairs:
-                    std = p0.float().std(unbiased=False)
-                    draw = torch.randn(p0.shape, generator=generator, device=p0.device, dtype=torch.float32)
-                    p.copy_((p0.float() + float(t) * std * draw).to(p.dtype))
+            editor.add_scaled_noise(seeded_generator(purpose_seed(seed, f"perturbation:{i}"), editor.device), t)
             maps = recompute()
             sims.append(spearman(maps, clean).to(clean.device))
             probs.append(probability().to(clean.device))

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from saliency_cli.evaluate.base import Batch, Scores, register, trapezoid_mean
+from saliency_cli.metrics.base import Batch, Scores, register
+from saliency_cli.numerics import trapezoid_mean
 
 
 def normalise_percentile(maps: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:

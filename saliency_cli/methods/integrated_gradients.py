@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from saliency_cli.data import baseline
 from saliency_cli.methods.base import (
     BASELINES,
     QUADRATURES,
     Attribution,
-    Context,
-    baseline,
+    MethodContext,
     expand_target,
     quadrature,
     register,
@@ -22,7 +22,7 @@ from saliency_cli.oracle import GradientOracle
           defaults={"steps": 50, "baseline": "black", "quadrature": "gausslegendre"},
           stochastic=False, cost=lambda h: h["steps"] + 2, reduce="sum")
 def integrated_gradients(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
-                         generators: list[torch.Generator], ctx: Context, steps: int, baseline: str,
+                         generators: list[torch.Generator], ctx: MethodContext, steps: int, baseline: str,
                          quadrature: str) -> Attribution:
     """(x - x') * sum_k w_k g(x' + a_k (x - x')), with (a_k, w_k) the chosen quadrature on [0, 1].
 
@@ -32,13 +32,13 @@ def integrated_gradients(oracle: GradientOracle, x: torch.Tensor, target: torch.
 
 
 def _ig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, generators: list[torch.Generator],
-        ctx: Context, steps: int, baseline_kind: str, rule: str) -> Attribution:
+        ctx: MethodContext, steps: int, baseline_kind: str, rule: str) -> Attribution:
     if baseline_kind not in BASELINES:
         raise ValueError(f"unknown baseline {baseline_kind!r}")
     if rule not in QUADRATURES:
         raise ValueError(f"unknown quadrature {rule!r}")
     b = x.shape[0]
-    ref = baseline(x, baseline_kind, ctx, generators)  # (B, C, H, W)
+    ref = baseline(x, baseline_kind, ctx.bounds, generators)  # (B, C, H, W)
     alphas, weights = quadrature(rule, steps)
     alphas = alphas.to(device=x.device, dtype=torch.float32)
     weights = weights.to(device=x.device, dtype=torch.float32)

@@ -10,22 +10,15 @@
   blank out) the top-k % most salient pixels and report whether the top-1 prediction is still the target
   (1 or 0; the mean is the survival rate). keep: higher is better; remove: lower is better.
 
-Every step of every curve goes through the model in chunked batches (base.perturbation_curve).
+Every step of every curve goes through the model in chunked batches (metrics.base.perturbation_curve).
 """
 
 from __future__ import annotations
 
 import torch
 
-from saliency_cli.evaluate.base import (
-    Batch,
-    Scores,
-    flat_rank,
-    perturbation_curve,
-    pixel_thresholds,
-    register,
-    trapezoid_mean,
-)
+from saliency_cli.metrics.base import Batch, Scores, flat_rank, perturbation_curve, pixel_thresholds, register
+from saliency_cli.numerics import trapezoid_mean
 
 RISE = "Petsiuk et al. 2018, RISE, arXiv:1806.07421"
 
@@ -103,7 +96,7 @@ def aupc(batch: Batch, *, window: int, regions: int) -> Scores:
     order = window_order(batch.maps, window, regions)
     gens = batch.generators("aupc")
     u = torch.stack([torch.rand(batch.x.shape[1:], generator=g, device=batch.device) for g in gens])
-    noise = batch.ctx.lo + u * (batch.ctx.hi - batch.ctx.lo)  # (R, C, H, W) uniform pixels, normalised
+    noise = batch.bounds.lo + u * (batch.bounds.hi - batch.bounds.lo)  # (R, C, H, W) uniform pixels, normalised
     thresholds = torch.arange(regions + 1, device=batch.device)
     out = perturbation_curve(batch.oracle, batch.x, noise, batch.target, order, thresholds)
     curves = out.logit / out.logit[:, :1].abs().clamp(min=1e-12)

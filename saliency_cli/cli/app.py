@@ -1,0 +1,88 @@
+"""The `saliency` app and the one boundary where outcomes become exit codes.
+
+Commands live one per module (cli/explain.py, cli/methods.py, cli/info.py, cli/evaluate.py); each parses its
+options, calls one function of `saliency_cli.api`, and reports. Nothing here imports torch: `saliency --help`
+and every usage error answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from saliency_cli.errors import ExitCode, SaliencyError
+
+# Before torch is imported: OpenMP threads that spin while waiting starve each other as soon as anything else
+# runs on the machine (a forward pass of the bundled model took 4x longer on 2 shared cores); sleeping waiters
+# cost little when the machine is quiet. A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from saliency_cli import __version__
+
+        typer.echo(f"saliency {__version__}")
+        raise typer.Exit(ExitCode.OK)
+
+
+def build_app() -> typer.Typer:
+    """A fresh app with every command (the explain options are generated from the settings table as it is now)."""
+    from saliency_cli.cli import evaluate, explain, info, methods
+
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
+
+    @app.callback()
+    def root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit")] = False) -> None:
+        """Attribution maps (SmoothGrad and its successors) for image classifiers."""
+
+    app.command("explain")(explain.build_command())
+    app.command("methods")(methods.list_methods)
+    app.command("info")(info.info)
+    app.command("evaluate")(evaluate.evaluate)
+    return app
+
+
+def _report(e: BaseException, debug: bool) -> int:
+    """One line on stderr for an exception, and its exit code."""
+    from saliency_cli.cli.console import err
+
+    if isinstance(e, SaliencyError):
+        if debug:
+            raise e
+        err.print(f"saliency: error: {e}", markup=False)
+        return int(e.exit_code)
+    if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors
+        err.print(f"saliency: error: {e.format_message()}", markup=False)
+        return int(e.exit_code)
+    if debug:
+        raise e
+    from saliency_cli.errors import first_line
+
+    err.print(f"saliency: error: {first_line(e)} (SALIENCY_DEBUG=1 for the traceback)", markup=False)
+    return int(ExitCode.FATAL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every outcome into one exit code."""
+    from saliency_cli.cli.console import err
+
+    debug = os.environ.get("SALIENCY_DEBUG") == "1"
+    command = typer.main.get_command(build_app())
+    try:
+        code = command.main(args=argv, prog_name="saliency", standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C inside a command into Exit(130)
+            err.print("saliency: interrupted", markup=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("saliency: interrupted", markup=False)
+        code = ExitCode.INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and an exit code
+        code = _report(e, debug)
+    sys.exit(int(code) if isinstance(code, int) else 0)

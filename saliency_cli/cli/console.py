@@ -1,0 +1,72 @@
+"""The one stderr console and the one progress bar of every command. People's messages go to stderr; data
+(JSON records, tables asked for with --json) goes to stdout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def listing(rows: list[dict[str, Any]], json_out: bool, title: str, columns: list[str],
+            cells: Any) -> None:
+    """A registry listing (`saliency methods`, `evaluate --list-metrics`): the rows as JSON on stdout, or a table
+    of `columns` whose cells are `cells(row)` (a list of strings per row)."""
+    if json_out:
+        import json
+
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*cells(r))
+    out.print(table)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    err.print(f"saliency: warning: {message}", markup=False)
+
+
+class Progress:
+    """A rich progress bar on stderr (`verb` N/total, items per second, time left), or nothing when disabled
+    (--quiet, --json, or stderr is not a terminal)."""
+
+    def __init__(self, verb: str, enabled: bool, unit: str = "images") -> None:
+        self.verb = verb
+        self.unit = unit
+        self.enabled = enabled and err.is_terminal
+        self.bar: Any = None
+
+    def start(self, total: int) -> None:
+        if not self.enabled or self.bar is not None:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(TextColumn(self.verb), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err)
+        self.task = self.bar.add_task(self.verb, total=total, rate="")
+        self.bar.start()
+
+    def update(self, done: int, total: int | None = None) -> None:
+        """`done` items finished (of `total`, which starts the bar if needed)."""
+        if total is not None:
+            self.start(total)
+        if self.bar is None:
+            return
+        elapsed = self.bar.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:.2f} {self.unit}/s" if elapsed > 0 else ""
+        self.bar.update(self.task, completed=done, rate=rate)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

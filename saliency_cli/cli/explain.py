@@ -1,0 +1,132 @@
+"""`saliency explain`: parse the options, call `api.explain`, report counts; exit 3 when an input failed.
+
+The method hyper-parameter options (`-n/--samples`, `--steps`, `--weight-noise`, ...) are generated from the
+settings table (methods/settings.py), one option per row, so a new row is a new option with its help and check.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from saliency_cli.cli import options as o
+from saliency_cli.cli.console import Progress, err, warn
+from saliency_cli.errors import ExitCode
+from saliency_cli.methods.settings import SETTINGS, Setting
+
+Inputs = Annotated[list[str], typer.Argument(help="Image files, folders (recursive), or - for paths on stdin")]
+
+
+def explain(
+    inputs: Inputs,
+    model: o.Model = "default",
+    checkpoint: o.Checkpoint = None,
+    method: Annotated[str, typer.Option(help="Method name, or a comma list (see `saliency methods`)")] = "smoothgrad",
+    target: Annotated[str, typer.Option(help="pred, a class index, a class name, or topk:K")] = "pred",
+    out: o.OutDir = Path("saliency_out"),
+    device: o.Device = "auto",
+    precision: Annotated[o.Precision, typer.Option(help="Autocast precision; maps stay fp32")] = o.Precision.fp32,
+    batch_size: o.BatchSize = "auto",
+    seed: Annotated[int, typer.Option(help="Run seed; each image's noise also depends on its bytes")] = 0,
+    reduce: Annotated[o.Reduction | None, typer.Option(help="Channel reduction of the saved map (default: the "
+                                                       "method's); none keeps (C, H, W)")] = None,
+    score: Annotated[o.Score, typer.Option(help="Differentiate the logit, prob or logprob")] = o.Score.logit,
+    colormap: Annotated[str | None, typer.Option(help="matplotlib colormap of the overlays")] = None,
+    alpha: Annotated[float, typer.Option(help="Heatmap opacity in the overlays")] = 0.5,
+    percentile: Annotated[float, typer.Option(help="Display clipping percentile")] = 99.0,
+    overwrite: Annotated[bool, typer.Option(help="Redo images already finished in --out")] = False,
+    cheap: Annotated[bool, typer.Option(help="Each method's cheaper recommended settings (see `saliency methods`) "
+                                        "instead of its defaults; explicit options still win")] = False,
+    input_size: o.InputSize = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    crop_pct: o.CropPct = None,
+    interpolation: o.Interpolation = None,
+    labels: o.Labels = None,
+    json_out: o.JsonOut = False,
+    quiet: o.Quiet = False,
+    **settings: Any,
+) -> None:
+    """Explain every image: .npy maps, overlays and a manifest under --out."""
+    from saliency_cli.methods import registered_names
+    from saliency_cli.pipeline.plan import ExplainOptions, check_options
+
+    hyper = {name: _setting_value(SETTINGS[name], value) for name, value in settings.items()}
+    noise = hyper.pop("noise", None)
+    stdin_lines = sys.stdin.read().splitlines() if "-" in inputs else None
+    opts = ExplainOptions(
+        inputs=inputs, out=out, model=model, checkpoint=checkpoint,
+        methods=[m.strip() for m in method.split(",") if m.strip()], noise=noise, hyper=hyper, target=target,
+        device=device, precision=precision.value, batch_size=o.parse_batch_size(batch_size), seed=seed,
+        reduce=None if reduce is None else reduce.value, score=score.value, colormap=colormap, alpha=alpha,
+        percentile=percentile, overwrite=overwrite, cheap=cheap,
+        data_overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
+        stdin_lines=stdin_lines,
+    )
+    check_options(opts, registered_names())  # usage errors before torch is imported
+    from saliency_cli.api import explain as run_explain
+
+    progress = Progress("explaining", not (quiet or json_out))
+    seen: set[str] = set()
+
+    def on_record(rec: dict[str, Any]) -> None:
+        if rec.get("status") == "error":
+            err.print(f"[red]error[/red] {rec['image']} ({rec['method']}): {rec['error']}", markup=True)
+        seen.add(rec["key"])
+        progress.update(len(seen))
+
+    try:
+        info = run_explain(opts, on_record=on_record, on_start=progress.start,
+                           echo=sys.stdout if json_out else None, on_warning=warn)
+    finally:
+        progress.stop()
+    counts = info["counts"]
+    if not json_out or not quiet:
+        err.print(f"{counts.get('ok', 0)} explained, {counts.get('skipped', 0)} skipped, "
+                  f"{counts.get('error', 0)} failed -> {out}", markup=False)
+    if counts.get("error", 0):
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _setting_value(row: Setting, value: Any) -> Any:
+    """A generated option's value: None (not given), an Enum member (closed choice) or text to parse."""
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        return value.value
+    return row.parse(str(value))
+
+
+def _option(row: Setting) -> inspect.Parameter:
+    names = [row.flag] + ([row.short] if row.short else [])
+    kind: Any = str
+    if row.choices:
+        kind = o.choice_enum(row.name, row.choices)
+    help_text = row.help + (" (or auto)" if row.auto and "auto" not in row.help else "")
+    annotation = Annotated[kind | None, typer.Option(*names, help=help_text, show_default=False)]
+    return inspect.Parameter(row.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def build_command() -> Callable[..., None]:
+    """The explain command with one option per row of the settings table as it is now."""
+    fixed = [p for p in inspect.signature(explain).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(explain, include_extras=True)
+    fixed = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in fixed]
+    generated = [_option(row) for row in SETTINGS.values()]
+
+    def command(**kwargs: Any) -> None:
+        settings = {row: kwargs.pop(row) for row in list(kwargs) if row in SETTINGS}
+        explain(**kwargs, **settings)
+
+    params = [*fixed, *generated]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = explain.__doc__
+    return command

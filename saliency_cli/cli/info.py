@@ -1,0 +1,34 @@
+"""`saliency info`: the resolved model, its data config, class count and device, on stdout."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from saliency_cli.cli import options as o
+from saliency_cli.cli.console import out
+
+
+def info(
+    model: o.Model = "default",
+    checkpoint: o.Checkpoint = None,
+    device: o.Device = "auto",
+    input_size: o.InputSize = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    crop_pct: o.CropPct = None,
+    interpolation: o.Interpolation = None,
+    labels: o.Labels = None,
+    json_out: o.JsonOut = False,
+) -> None:
+    """The resolved model, its data config, class count and device."""
+    from saliency_cli.api import describe_model
+
+    data = describe_model(model, checkpoint=checkpoint, device=device, labels_file=labels,
+                          overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation))
+    if json_out:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    for k, v in data.items():
+        out.print(f"[bold]{k}[/bold]: {v}")

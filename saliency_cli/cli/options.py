@@ -1,0 +1,101 @@
+"""Option types shared by the commands, defined once (`Annotated[...]`), closed choices as str Enums, and the
+parsers of option text. The method hyper-parameter options of `explain` are generated from the settings table
+(methods/settings.py) in cli/explain.py. No torch here."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from saliency_cli.errors import UsageError
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Score(str, Enum):
+    logit = "logit"
+    prob = "prob"
+    logprob = "logprob"
+
+
+class Reduction(str, Enum):
+    sum = "sum"
+    abs_sum = "abs-sum"
+    max_abs = "max-abs"
+    none = "none"
+
+
+def choice_enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of `choices` (for a settings row with closed choices)."""
+    return Enum(name, {c: c for c in choices}, type=str)  # type: ignore[return-value]
+
+
+Model = Annotated[str, typer.Option("--model", "-m", help="'default' (bundled EfficientNet-Lite0), a timm name, "
+                                    "torchvision:NAME, local-dir:PATH, hf-hub:NAME, or a TorchScript/.pt2 file")]
+Checkpoint = Annotated[str | None, typer.Option(help="Local weights (.safetensors, or a .pth/.pt state dict or "
+                                                "training checkpoint, loaded without unpickling code)")]
+Device = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")]
+BatchSize = Annotated[str, typer.Option(help="Most inputs per forward/backward, or auto (backs off on "
+                                        "out-of-memory)")]
+InputSize = Annotated[str | None, typer.Option(help="Model input size, H,W or S (TorchScript/exported models)")]
+Mean = Annotated[str | None, typer.Option(help="Normalisation mean per channel, comma list")]
+Std = Annotated[str | None, typer.Option(help="Normalisation std per channel, comma list")]
+CropPct = Annotated[float | None, typer.Option(help="Resize to size/crop_pct, then center-crop")]
+Interpolation = Annotated[str | None, typer.Option(help="Resize interpolation (bilinear, bicubic, nearest, "
+                                                   "lanczos, box, hamming)")]
+Labels = Annotated[str | None, typer.Option(help="Class names: text file (one per line) or JSON list")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder")]
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    """`1,2.5,3` -> [1.0, 2.5, 3.0]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected numbers separated by commas") from None
+
+
+def parse_batch_size(text: str) -> int | None:
+    """`auto` -> None (the device's default with OOM back-off), else a whole number >= 1."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--batch-size {text!r}: expected a whole number or auto") from None
+    if value < 1:
+        raise UsageError("--batch-size must be at least 1 (or auto)")
+    return value
+
+
+def data_overrides(input_size: str | None, mean: str | None, std: str | None, crop_pct: float | None,
+                   interpolation: str | None) -> dict[str, Any]:
+    """The preprocessing options as data-config overrides (None: not given)."""
+    size = parse_floats(input_size, "--input-size")
+    if size is not None and (len(size) not in (1, 2) or any(s < 1 or s != int(s) for s in size)):
+        raise UsageError(f"--input-size {input_size!r}: expected S or H,W in whole pixels")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise UsageError("--crop-pct must be in (0, 1]")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise UsageError(f"--interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+    values = {"--mean": parse_floats(mean, "--mean"), "--std": parse_floats(std, "--std")}
+    for option, vals in values.items():
+        if vals is not None and (not vals or any(v != v or v in (float("inf"), float("-inf")) for v in vals)):
+            raise UsageError(f"{option}: expected finite numbers separated by commas")
+    return {
+        "input_size": None if size is None else (3, int(size[0]), int(size[-1])),
+        "mean": values["--mean"], "std": values["--std"], "crop_pct": crop_pct, "interpolation": interpolation,
+    }

@@ -1,0 +1,130 @@
+"""The outputs of an explain run: one writer thread for every file and manifest line, in one order, with counts.
+
+Files are written atomically (writers.py); a record is appended to the manifest only after its files exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+from saliency_cli.data import visible_region
+from saliency_cli.errors import first_line
+from saliency_cli.pipeline.decode import Decoded
+from saliency_cli.pipeline.plan import Job
+from saliency_cli.render import overlay, strip
+from saliency_cli.writers import Manifest, finite, write_npy, write_png
+
+OnRecord = Callable[[dict[str, Any]], None]
+
+
+class Outputs:
+    """The run's writer thread, manifest and counts. Display options: colormap, alpha, percentile."""
+
+    def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
+                 on_record: OnRecord | None = None, echo: IO[str] | None = None) -> None:
+        self.out = out
+        self.seed = seed
+        self.score = score
+        self.label = label
+        self.display = display
+        self.on_record = on_record
+        self.counts = {"ok": 0, "error": 0, "skipped": 0}
+        self.manifest = Manifest(out / "manifest.jsonl", echo=echo)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+
+    def close(self, interrupted: bool) -> None:
+        """Wait for the writes; on Ctrl-C queued writes are dropped and the running one finishes."""
+        self.pool.shutdown(wait=True, cancel_futures=interrupted)
+        self.manifest.close()
+
+    # -- records --------------------------------------------------------------------------------------
+    def params(self, job: Job) -> dict[str, Any]:
+        """Every hyper-parameter used, with the run's seed, reduction and score."""
+        return {**job.hyper, "seed": self.seed, "reduce": job.reduce, "score": self.score}
+
+    def record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "image": str(d.item.path), "key": d.item.key, "status": status, "error": error,
+            "method": job.method.name, "params": self.params(job), "target": None, "label": None, "score": None,
+            "outputs": {}, "crop_box": d.box, "map_shape": None, "seconds": 0.0,
+            "sha256": d.digest or None, "config": job.config_id,
+        }
+        rec.update(extra)
+        return rec
+
+    def submit_record(self, rec: dict[str, Any]) -> None:
+        """Records without files still go through the writer thread, so the manifest keeps one order."""
+        self.pool.submit(self._emit, rec)
+
+    def error(self, d: Decoded, job: Job, reason: str) -> None:
+        self.submit_record(self.record(d, job, status="error", error=reason))
+
+    def skipped(self, rec: dict[str, Any], image: str | None = None) -> None:
+        extra = {"image": image} if image is not None else {}
+        self.submit_record({**rec, "status": "skipped", **extra, "seconds": 0.0})
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        self.manifest.append(rec)
+        self.counts[rec["status"]] = self.counts.get(rec["status"], 0) + 1
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    # -- files ----------------------------------------------------------------------------------------
+    def _paths(self, d: Decoded, name: str) -> tuple[Path, str]:
+        rel = f"{d.item.key}.{name}"
+        return self.out / rel, rel
+
+    def write_map(self, d: Decoded, job: Job, cls: int, prob: float, m: np.ndarray, stats: dict[str, Any],
+                  seconds: float, topk: bool) -> Future[Image.Image | None]:
+        """Queue the .npy, the overlay and the record of one map; the future gives the overlay (None on error)."""
+        return self.pool.submit(self._write_map, d, job, cls, prob, m, stats, seconds, topk)
+
+    def _write_map(self, d: Decoded, job: Job, cls: int, prob: float, m: np.ndarray, stats: dict[str, Any],
+                   seconds: float, topk: bool) -> Image.Image | None:
+        name = job.tag + (f".class{cls}" if topk else "")
+        npy, npy_rel = self._paths(d, name + ".npy")
+        png, png_rel = self._paths(d, name + ".png")
+        try:
+            if not np.isfinite(m).all():
+                raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
+            write_npy(npy, m.astype(np.float32))
+            assert d.image is not None and d.box is not None
+            image = overlay(visible_region(d.image, d.box), m, **self.display)
+            write_png(png, image)
+        except Exception as e:  # noqa: BLE001
+            self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
+                                   score=prob))
+            return None
+        params = self.params(job)
+        if "sigma" in stats:
+            params["sigma"] = stats.pop("sigma")
+        rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
+                          outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
+                          seconds=round(seconds, 4))
+        rec["params"] = params
+        if stats:
+            rec["stats"] = stats
+        self._emit(rec)
+        return image
+
+    def write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Future[Image.Image | None]]]) -> None:
+        """Queue the montage (several methods) or sweep strip (one method, several noise levels) of one image."""
+        self.pool.submit(self._write_strip, d, cls, entries)
+
+    def _write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Future[Image.Image | None]]]) -> None:
+        assert d.image is not None and d.box is not None
+        panels = [("original", visible_region(d.image, d.box))]
+        panels += [(tag, fut.result()) for tag, fut in entries if fut.result() is not None]  # type: ignore[misc]
+        if len(panels) < 3:
+            return
+        levels = {tag.split(".noise")[0] for tag, _ in entries}
+        name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
+            f".class{cls}" if cls is not None else "")
+        path, _ = self._paths(d, name + ".png")
+        write_png(path, strip(panels))

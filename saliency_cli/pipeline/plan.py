@@ -1,0 +1,188 @@
+"""Planning a run: the options, their validation (before anything is loaded), the jobs and the targets.
+
+A job is one (method, noise level) of the run with its resolved hyper-parameters and its identity (`config_id`),
+a hash of everything that determines its maps; finished work is recognised by it (pipeline/resume.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saliency_cli import __version__
+from saliency_cli.errors import UsageError
+from saliency_cli.methods.settings import SETTINGS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCORES = ("logit", "prob", "logprob")
+REDUCTIONS = ("sum", "abs-sum", "max-abs", "none")
+
+
+@dataclass
+class ExplainOptions:
+    """Everything `saliency explain` takes. Unset hyper-parameters (None) take each method's default.
+
+    hyper: method hyper-parameters by settings-table name (`samples`, `weight_noise`, ...); `noise` is a list of
+    levels (several: a sweep, one map per level) or ["auto"] (smoothtaylor's adaptive noising).
+    """
+
+    inputs: list[str]
+    out: Path = Path("saliency_out")
+    model: str = "default"
+    checkpoint: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["smoothgrad"])
+    noise: list[float | str] | None = None
+    hyper: dict[str, Any] = field(default_factory=dict)
+    target: str = "pred"
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int | None = None  # None: auto
+    seed: int = 0
+    reduce: str | None = None  # None: each method's default
+    score: str = "logit"
+    colormap: str | None = None
+    alpha: float = 0.5
+    percentile: float = 99.0
+    overwrite: bool = False
+    cheap: bool = False  # each method's recommended cheaper settings (`saliency methods`) instead of its defaults
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    labels_file: str | None = None
+    stdin_lines: list[str] | None = None
+
+
+@dataclass
+class Job:
+    """One (method, noise level) of the run, with its resolved hyper-parameters."""
+
+    method: Any  # methods.base.Method
+    hyper: dict[str, Any]
+    level: float | None  # the noise level when the run sweeps noise, else None
+    reduce: str
+    config_id: str = ""
+
+    @property
+    def tag(self) -> str:
+        return self.method.name + ("" if self.level is None else f".noise{self.level:g}")
+
+
+def _check_methods(opts: ExplainOptions, methods: Collection[str]) -> None:
+    if not opts.methods:
+        raise UsageError("--method: give at least one method")
+    for name in opts.methods:
+        if name not in methods:
+            raise UsageError(f"--method {name!r} is not a method (see `saliency methods`)")
+    if len(set(opts.methods)) != len(opts.methods):
+        raise UsageError("--method lists a method twice")
+
+
+def _check_choices(opts: ExplainOptions) -> None:
+    for option, value, allowed in (("--reduce", opts.reduce, REDUCTIONS), ("--precision", opts.precision, PRECISIONS),
+                                   ("--score", opts.score, SCORES)):
+        if value is not None and value not in allowed:
+            raise UsageError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1 (or auto)")
+    if not 0 <= opts.alpha <= 1:
+        raise UsageError("--alpha must be between 0 and 1")
+    if not 0 < opts.percentile <= 100:
+        raise UsageError("--percentile must be in (0, 100]")
+    if opts.colormap is not None:
+        import matplotlib
+
+        if opts.colormap not in matplotlib.colormaps:
+            raise UsageError(f"--colormap {opts.colormap!r} is not a matplotlib colormap")
+    if not str(opts.out).strip():
+        raise UsageError("-o/--out: give a folder")
+
+
+def _check_noise(opts: ExplainOptions, methods: dict[str, Any]) -> None:
+    if opts.noise is not None and "auto" in opts.noise:
+        others = [m for m in opts.methods if "noise" in methods[m].defaults and m != "smoothtaylor"]
+        if len(opts.noise) > 1 or others:
+            raise UsageError("--noise auto is smoothtaylor's adaptive noising: use it alone, with smoothtaylor"
+                             + (f" (not {', '.join(others)})" if others else ""))
+
+
+def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
+    """Every check that needs neither torch nor the method objects: method names, choices, numbers, each setting
+    against its row of the settings table, the target's syntax. The command line runs it before importing torch."""
+    _check_methods(opts, method_names)
+    _check_choices(opts)
+    if opts.noise is not None:
+        SETTINGS["noise"].validate(opts.noise)
+    parse_target(opts.target)
+    for key, value in opts.hyper.items():
+        if value is None:
+            continue
+        if key not in SETTINGS:
+            raise UsageError(f"unknown setting {key!r} (see `saliency methods`)")
+        SETTINGS[key].validate(value)
+
+
+def validate(opts: ExplainOptions, methods: dict[str, Any]) -> list[str]:
+    """Check the options before anything is loaded; returns warnings (options no chosen method uses)."""
+    check_options(opts, methods)
+    _check_noise(opts, methods)
+    used = set().union(*(methods[m].defaults for m in opts.methods))
+    given = [k for k, v in opts.hyper.items() if v is not None] + (["noise"] if opts.noise is not None else [])
+    return [f"{SETTINGS[k].flag} is not used by {', '.join(opts.methods)}" for k in given if k not in used]
+
+
+def parse_target(spec: str) -> tuple[str, Any]:
+    """`pred`, a class index, `topk:K`, or a class name -> (kind, value)."""
+    s = spec.strip()
+    if s == "pred":
+        return "pred", None
+    if s.startswith("topk:"):
+        try:
+            k = int(s[5:])
+        except ValueError:
+            raise UsageError(f"--target {spec!r}: topk:K needs a whole number K") from None
+        if k < 1:
+            raise UsageError(f"--target {spec!r}: K must be at least 1")
+        return "topk", k
+    if s.lstrip("-").isdigit():
+        if int(s) < 0:
+            raise UsageError(f"--target {spec!r}: class indices start at 0")
+        return "index", int(s)
+    if not s:
+        raise UsageError("--target: empty value")
+    return "name", s
+
+
+def job_identity(job: Job, opts: ExplainOptions, source: dict[str, Any], data_config: dict[str, Any]) -> str:
+    """A 16-hex-digit hash of everything that determines a job's maps (method, settings, target, seed, score,
+    precision, model source with its files' hashes, data config, version)."""
+    identity = {"method": job.method.name, "hyper": job.hyper, "reduce": job.reduce, "target": opts.target,
+                "seed": opts.seed, "score": opts.score, "precision": opts.precision,
+                "model": source, "data_config": data_config, "version": __version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_jobs(opts: ExplainOptions, methods: dict[str, Any]) -> list[Job]:
+    """One job per method and noise level, hyper-parameters = defaults < cheap (with --cheap) < given."""
+    jobs = []
+    for name in opts.methods:
+        method = methods[name]
+        given = {k: v for k, v in opts.hyper.items() if v is not None and k in method.defaults}
+        base = {**method.defaults, **(method.cheap if opts.cheap else {}), **given}
+        levels: list[float | None] = [None]
+        if "noise" in method.defaults and opts.noise is not None:
+            levels = [float(v) for v in opts.noise] if len(opts.noise) > 1 else [None]  # a sweep is numeric
+            if len(opts.noise) == 1:
+                base["noise"] = opts.noise[0]
+        for level in levels:
+            hyper = dict(base) if level is None else {**base, "noise": level}
+            jobs.append(Job(method, hyper, level, opts.reduce or method.reduce))
+    return jobs
+
+
+def assign_identities(jobs: list[Job], opts: ExplainOptions, source: dict[str, Any],
+                      data_config: dict[str, Any]) -> None:
+    """Give every job its config id, once its run-level values (e.g. weight noise `auto`) are resolved."""
+    for job in jobs:
+        job.config_id = job_identity(job, opts, source, data_config)
