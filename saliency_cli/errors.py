@@ -14,6 +14,8 @@ class ExitCode(IntEnum):
     PARTIAL = 3  # finished, but some inputs failed (each failure is recorded)
     GATE = 4  # a --fail-under / --fail-over gate failed
     INTERRUPTED = 130  # Ctrl-C
+    STDOUT_CLOSED = 141  # the reader of --json output went away (128 + SIGPIPE)
+    TERMINATED = 143  # SIGTERM (128 + 15), handled like Ctrl-C
 
 
 class SaliencyError(Exception):
@@ -38,6 +40,16 @@ class OutputError(SaliencyError):
     """The output folder cannot be written (exit 1)."""
 
     exit_code = ExitCode.FATAL
+
+
+class StdoutClosed(SaliencyError):
+    """The reader of stdout closed it (e.g. `| head`): the run stopped cleanly, every record is in the manifest."""
+
+    exit_code = ExitCode.STDOUT_CLOSED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so the same clean-up runs (whole files only, run.json finalised)."""
 
 
 class ImageError(SaliencyError):

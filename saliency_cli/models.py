@@ -26,7 +26,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
         device = torch.device(spec)
     except RuntimeError:
         raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -1084,14 +1086,22 @@ def _probe(module: torch.nn.Module, cfg: dict[str, Any], device: torch.device | 
 # -- labels --------------------------------------------------------------------------------------------------
 def num_classes(loaded: LoadedModel) -> int:
     """The model's class count: its `num_classes` attribute (timm), what loading found, or else the width of
-    one no-grad forward pass on zeros of the data config's input size, on the model's device."""
+    one no-grad forward pass on zeros of the data config's input size, on the model's device, in eval mode (a
+    model given in train mode gets its modes back, its BatchNorm statistics untouched)."""
     k = getattr(loaded.module, "num_classes", None)
     if isinstance(k, int) and not isinstance(k, bool) and k > 0:
         return k
     if loaded.known_classes is None:
         x = torch.zeros((1, *loaded.data_config["input_size"]), device=loaded.device)
-        with torch.no_grad():
-            loaded.known_classes = int(logits_of(loaded.module(x)).shape[-1])
+        modules = list(loaded.module.modules())
+        modes = [m.training for m in modules]
+        try:
+            loaded.module.eval()
+            with torch.no_grad():
+                loaded.known_classes = int(logits_of(loaded.module(x)).shape[-1])
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.training = mode
     return loaded.known_classes
 
 
@@ -1102,6 +1112,14 @@ def check_labels(loaded: LoadedModel) -> None:
     k, n = num_classes(loaded), len(loaded.labels)
     if n != k:
         raise UsageError(f"{loaded.labels_origin or '--labels'}: {n} names for a model with {k} classes")
+
+
+def _use_labels_file(loaded: LoadedModel, labels_file: str) -> None:
+    """Take the class names of a labels file, and record the file and its sha256 in the model's source."""
+    loaded.labels = read_labels(labels_file)
+    loaded.labels_origin = f"--labels {labels_file}"
+    loaded.source["labels_file"] = str(labels_file)
+    _record_file(loaded.source, "labels", labels_file)
 
 
 def attach_default_labels(model: LoadedModel, num_classes: int) -> None:
@@ -1188,6 +1206,15 @@ def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A model's own data config with the user's overrides, normalised. An input size given by the user keeps the
+    model's channel count (the command line's --input-size gives only H and W, e.g. for a grayscale model)."""
+    merged = {**base, **overrides}
+    if "input_size" in overrides and "input_size" in base:
+        merged["input_size"] = (_size3(base["input_size"])[0], *_size3(overrides["input_size"])[1:])
+    return _normalise_config(merged)
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -1209,7 +1236,7 @@ def load_model(
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     built = _build(spec, checkpoint, _check_options(options), overrides)
-    cfg = _normalise_config({**built.base_cfg, **overrides})
+    cfg = _merge_config(built.base_cfg, overrides)
     module = built.module.eval().to(device)
     known = built.num_classes
     if built.probe:
@@ -1217,10 +1244,7 @@ def load_model(
     loaded = LoadedModel(module=module, data_config=cfg, labels=built.labels, source=built.source,
                          labels_origin=built.labels_origin, known_classes=known)
     if labels_file is not None:
-        loaded.labels = read_labels(labels_file)
-        loaded.labels_origin = f"--labels {labels_file}"
-        loaded.source["labels_file"] = str(labels_file)
-        _record_file(loaded.source, "labels", labels_file)
+        _use_labels_file(loaded, labels_file)
     check_labels(loaded)
     return loaded
 
@@ -1244,6 +1268,9 @@ def load_model_from_source(source: dict[str, Any], data_config: dict[str, Any],
         spec = TORCHVISION_PREFIX + str(source["name"])
     elif kind in ("torchscript", "export"):
         spec = str(source["weights"])
+    elif kind == "module":
+        raise ModelError(f"the run explained an in-memory module ({source.get('name', 'nn.Module')}), which run.json "
+                         "cannot reload: explain it with a model name or file (-m) to evaluate it")
     else:
         raise ModelError(f"the recorded model has an unknown kind {kind!r}")
     labels_file = source.get("labels_file")
@@ -1254,4 +1281,68 @@ def load_model_from_source(source: dict[str, Any], data_config: dict[str, Any],
         if now.get(role) != digest:
             where = (source.get("files") or {}).get(role, role)
             raise ModelError(f"the model's {role} file {where} changed since the run (its sha256 differs)")
+    edited = source.get("state_dict_sha256")
+    if edited is not None and state_dict_sha256(loaded.module) != edited:
+        raise ModelError("the run's model was changed in memory after it was loaded (its weights are not those of "
+                         f"{loaded.source.get('weights') or spec}), so run.json cannot reload it")
+    return loaded
+
+
+# -- in-memory models ----------------------------------------------------------------------------------------
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """The sha256 of a module's state dict: every entry's name, dtype, shape and bytes, in order (tensors on a
+    device are copied to the host one at a time)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        flat = t.to("cpu").contiguous().reshape(-1)
+        try:
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # a dtype without a plain byte view (quantised tensors)
+            digest.update(repr(flat).encode())
+    return digest.hexdigest()
+
+
+def module_data_config(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The data config a timm model carries (its pretrained_cfg, resolved by timm and made true to its input
+    channels), normalised; None for any other module: its preprocessing is never guessed."""
+    if not isinstance(getattr(module, "pretrained_cfg", None), Mapping):
+        return None
+    return _normalise_config(_timm_data_config(module, {}))
+
+
+def in_memory_model(model: torch.nn.Module | LoadedModel, *, data_config: dict[str, Any] | None = None,
+                    labels_file: str | None = None, how: str = "give its data config") -> LoadedModel:
+    """A model given in memory, as the pipeline uses it, without changing it: not moved, not put in eval mode
+    (the gradient oracle runs it in eval mode and restores every module's mode and every parameter's flag).
+
+    A LoadedModel is taken as it is (a shallow copy: its labels may be completed later) with `data_config`
+    overriding keys of its own; its source also records the sha256 of its state dict, so edits made in memory
+    after loading are not mistaken for the file's weights. A plain `nn.Module` is wrapped in LogitsOnly; its data
+    config is timm's for a timm model, completed or given by `data_config` (input_size, mean and std at least),
+    and its source is `{"kind": "module", "name": class name, "sha256": {"state_dict": ...}}`. `how` says, in the
+    error for a plain module without one, how to give the data config.
+    """
+    overrides = {k: v for k, v in (data_config or {}).items() if v is not None}
+    if isinstance(model, LoadedModel):
+        source = {**json.loads(json.dumps(model.source, default=str)),
+                  "state_dict_sha256": state_dict_sha256(model.module)}
+        loaded = replace(model, data_config=_merge_config(model.data_config, overrides), source=source,
+                         labels=list(model.labels) if model.labels is not None else None)
+    elif isinstance(model, torch.nn.Module):
+        base = module_data_config(model) or {}
+        missing = [k for k in ("input_size", "mean", "std") if k not in base and k not in overrides]
+        if missing:
+            raise UsageError(f"the in-memory {type(model).__name__} carries no preprocessing ({', '.join(missing)} "
+                             f"missing): {how}, e.g. input_size (3, 224, 224) and a mean and std per channel")
+        k = getattr(model, "num_classes", None)
+        source = {"kind": "module", "name": type(model).__name__, "sha256": {"state_dict": state_dict_sha256(model)}}
+        loaded = LoadedModel(module=LogitsOnly(model), data_config=_merge_config(base, overrides), labels=None,
+                             source=source, known_classes=k if isinstance(k, int) and k > 0 else None)
+    else:
+        raise UsageError(f"model: expected a model name, an nn.Module or a LoadedModel, not {type(model).__name__}")
+    if labels_file is not None:
+        _use_labels_file(loaded, labels_file)
+    check_labels(loaded)
     return loaded

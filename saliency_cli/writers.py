@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,20 +20,84 @@ _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by se
 os.umask(_UMASK)
 
 
+HOST = socket.gethostname().replace(".", "-") or "host"
+TEMP_MARK = ".tmp"
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.NAME.HOST.PID.`: a temporary file says which process on which machine writes it, so a later run can
+    remove the strays of a killed run without touching those of a live one (shards share folders)."""
+    return f".{path.name}.{HOST}.{os.getpid()}."
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write: Any, suffix: str) -> None:
+    """Write to a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder: after a crash
+    or power loss the path holds the old content or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=f"{TEMP_MARK}{suffix}", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. permission denied: it exists
+        return True
+    return True
+
+
+STRAY_AGE = 24 * 3600.0  # a temporary file of another machine is a stray after a day
+
+
+def remove_stray_temporaries(folder: Path) -> int:
+    """Delete temporary files left under `folder` by killed runs: this machine's whose process is gone, and any
+    older than a day. Returns how many were removed."""
+    import time
+
+    removed = 0
+    pattern = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\..*\.tmp")
+    now = time.time()
+    for f in folder.rglob(".*.tmp*"):
+        match = pattern.match(f.name)
+        try:
+            if not f.is_file():
+                continue
+            stale = now - f.stat().st_mtime > STRAY_AGE
+            mine_dead = match is not None and match["host"] == HOST and not _alive(int(match["pid"]))
+            if match is not None and (stale or mine_dead):
+                f.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def finite(value: Any) -> Any:
@@ -60,38 +127,139 @@ def write_json(path: Path, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=2, default=str).encode())
 
 
+REQUIRED = {"image": str, "key": str, "status": str, "method": str}
+STATUSES = ("ok", "error", "skipped")
+
+
+def valid_record(rec: Any) -> bool:
+    """A manifest line that a reader can use: an object with the required keys of the right types, a known
+    status, `outputs` an object of strings and `target` an integer or null."""
+    if not isinstance(rec, dict):
+        return False
+    if any(not isinstance(rec.get(k), t) for k, t in REQUIRED.items()) or rec["status"] not in STATUSES:
+        return False
+    outputs = rec.get("outputs", {})
+    if outputs is not None and (not isinstance(outputs, dict) or not all(isinstance(v, str) for v in outputs.values())):
+        return False
+    target = rec.get("target")
+    return target is None or (isinstance(target, int) and not isinstance(target, bool))
+
+
 class Manifest:
-    """Appends one JSON line per record and flushes it; the caller writes a record after its files exist."""
+    """Appends one JSON line per record, flushed and fsynced; the caller writes a record after its files exist.
+
+    A record is sanitised (NaN/Inf -> null) rather than refused, so no record is ever lost; a manifest whose last
+    line was torn by a crash gets a newline first, so the next record starts on a line of its own.
+    """
 
     def __init__(self, path: Path, echo: IO[str] | None = None) -> None:
         self.path = path
         self.echo = echo
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        if self._file.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write(b"\n")
+        self.echo_broken = False
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str, allow_nan=False)
+        line = json.dumps(finite(record), default=str, allow_nan=False)
         with self._lock:
-            self._file.write(line + "\n")
+            self._file.write(line.encode("utf-8") + b"\n")
             self._file.flush()
             os.fsync(self._file.fileno())
-            if self.echo is not None:
-                self.echo.write(line + "\n")
-                self.echo.flush()
+            if self.echo is not None and not self.echo_broken:
+                try:
+                    self.echo.write(line + "\n")
+                    self.echo.flush()
+                except (BrokenPipeError, ValueError):  # `| head` closed the pipe: the manifest still has it all
+                    self.echo_broken = True
 
     def close(self) -> None:
         self._file.close()
 
 
-def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Records of an existing manifest; a torn last line (from a crash) is ignored."""
+@dataclass
+class ManifestContent:
+    """The usable records of one or more manifest parts, in order, and how many lines were not usable."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+    parts: list[Path] = field(default_factory=list)
+
+
+def manifest_parts(folder: Path) -> list[Path]:
+    """Every manifest part of a run folder: `manifest.jsonl` and the shards' `manifest.shard-*.jsonl`."""
+    return sorted(p for p in folder.glob("manifest*.jsonl") if p.is_file())
+
+
+def read_manifests(folder: Path) -> ManifestContent:
+    """The records of every manifest part of `folder` (see `read_manifest`)."""
+    content = ManifestContent()
+    for part in manifest_parts(folder):
+        one = read_manifest(part)
+        content.records.extend(one.records)
+        content.bad_lines += one.bad_lines
+        content.parts.append(part)
+    return content
+
+
+def read_manifest(path: Path) -> ManifestContent:
+    """The valid records of one manifest file. Torn, non-UTF-8, non-object or malformed lines (see
+    `valid_record`) are skipped and counted, never fatal."""
+    content = ManifestContent(parts=[path])
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+        return content
+    for raw in path.read_bytes().split(b"\n"):
+        if not raw.strip():
             continue
-    return records
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            content.bad_lines += 1
+            continue
+        if valid_record(rec):
+            content.records.append(rec)
+        else:
+            content.bad_lines += 1
+    return content
+
+
+class RunLock:
+    """An exclusive lock on an output folder (or one shard's part of it) for one run: a second run into the same
+    place stops at once with the holder's pid and host instead of interleaving its records. `fcntl.flock` is
+    released by the kernel when the process dies, so a killed run leaves no stale lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        from saliency_cli.errors import OutputError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputError(f"{self.path.parent} is being written by another saliency run ({holder}); wait for it "
+                              "or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {HOST}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

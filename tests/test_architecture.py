@@ -167,7 +167,7 @@ def test_help_and_version_need_no_torch(args):
 
 @pytest.mark.parametrize("args, words", [
     (["explain", "x.jpg", "--method", "nosuch"], ["nosuch", "saliency methods"]),
-    (["explain", "x.jpg", "-n", "0"], ["--samples", "at least 1"]),
+    (["explain", "x.jpg", "-n", "0"], ["--samples", "between 1 and"]),
     (["explain", "x.jpg", "--quadrature", "simpson"], ["--quadrature", "simpson"]),
     (["explain", "x.jpg", "--weight-noise", "lots"], ["--weight-noise", "auto"]),
     (["explain", "x.jpg", "--noise", "nan"], ["--noise", "finite"]),

@@ -23,7 +23,7 @@ from saliency_cli.metrics import METRICS, SANITY_CHECKS, Batch
 from saliency_cli.metrics.base import flat_rank, perturbation_curve
 from saliency_cli.metrics.faithfulness import window_order
 from saliency_cli.metrics.localisation import box_region, lookup, mask_region, read_boxes
-from saliency_cli.metrics.sanity import cascade_stages, layer_units, perturbation, randomization
+from saliency_cli.metrics.sanity import cascade_stages, perturbation, randomization, reinit_layers
 from saliency_cli.metrics.smoothness import gini
 from saliency_cli.numerics import average_ranks, mean_ci95, spearman
 from saliency_cli.oracle import GradientOracle
@@ -266,7 +266,9 @@ def test_cascade_stages_go_top_down_and_merge_to_the_cap() -> None:
     merged = cascade_stages(units, 3)
     assert [n for n, _ in merged] == ["6", "5..3", "2..0"]
     assert sum(len(ps) for _, ps in merged) == 7
-    assert [n for n, _ in layer_units(small_cnn())] == ["0", "2", "6"]
+    assert [n for n, _ in cascade_stages(units, 0)] == ["6", "5", "4", "3", "2", "1", "0"]  # 0: every layer
+    # the layers are the modules with reset_parameters() (issue 12: was the model's top-level children)
+    assert [n for n, _ in reinit_layers(small_cnn())] == ["0", "2", "6"]
 
 
 def test_sanity_checks_on_a_model_without_parameters_say_so() -> None:

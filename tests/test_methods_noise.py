@@ -88,11 +88,18 @@ SMALL = {
 
 # -- registrations --------------------------------------------------------------------------------------
 def test_registrations_carry_defaults_cost_and_display() -> None:
+    # base (--base), noise_unit (--noise-unit) and the -n/--models auto settings (converge, max_samples) were added
+    # by issue 12; noisegrad and fusiongrad display the reference's mean of per-model abs-sum maps by default.
+    auto = {"converge": 0.95}
     expected = {  # name: (defaults, passes per image at the defaults, default reduce)
-        "noisegrad": ({"weight_noise": "auto", "models": 10}, 10, "abs-sum"),
-        "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10}, 100, "abs-sum"),
-        "adaptgrad": ({"confidence": 0.95, "samples": 50}, 51, "abs-sum"),
-        "smoothtaylor": ({"noise": 0.106, "samples": 150, "objective": "noise"}, 150, "abs-sum"),
+        "noisegrad": ({"weight_noise": "auto", "models": 10, "base": "gradient", **auto, "max_samples": 50}, 10,
+                      "mean-abs-sum"),
+        "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10, "noise_unit": "relative",
+                        "base": "gradient", **auto, "max_samples": 50}, 100, "mean-abs-sum"),
+        "adaptgrad": ({"confidence": 0.95, "samples": 50, "base": "gradient", **auto, "max_samples": 400}, 51,
+                      "abs-sum"),
+        "smoothtaylor": ({"noise": 0.106, "samples": 150, "objective": "noise", "noise_unit": "relative", **auto,
+                          "max_samples": 600}, 150, "abs-sum"),
     }
     for name, (defaults, cost, reduce) in expected.items():
         method = METHODS[name]
@@ -344,7 +351,8 @@ def test_smoothtaylor_auto_picks_a_sigma_no_worse_than_the_start_and_reports_its
     again = smoothtaylor_at(oracle, x, target, chosen, unit)
     torch.testing.assert_close(result.maps, again.maps)
     start = smoothtaylor_at(oracle, x, target, x.abs().flatten(1).mean(1), unit)
-    value_start = score_maps(objective, oracle, x, target, start.maps, CTX.bounds)
-    value_chosen = score_maps(objective, oracle, x, target, again.maps, CTX.bounds)
+    # the objective is the metric of the signed channel sum, as the reference scores it (issue 12; it was sum |.|)
+    value_start = score_maps(objective, oracle, x, target, start.maps.sum(1), CTX.bounds)
+    value_chosen = score_maps(objective, oracle, x, target, again.maps.sum(1), CTX.bounds)
     assert torch.all(value_chosen <= value_start + 1e-6)
     torch.testing.assert_close(result.stats["objective"], value_chosen.float())

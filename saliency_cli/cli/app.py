@@ -31,7 +31,7 @@ def _version(value: bool) -> None:
 
 def build_app() -> typer.Typer:
     """A fresh app with every command (the explain options are generated from the settings table as it is now)."""
-    from saliency_cli.cli import evaluate, explain, info, methods
+    from saliency_cli.cli import compare, evaluate, explain, info, methods, report
 
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
@@ -45,6 +45,8 @@ def build_app() -> typer.Typer:
     app.command("methods")(methods.list_methods)
     app.command("info")(info.info)
     app.command("evaluate")(evaluate.evaluate)
+    app.command("report")(report.report)
+    app.command("compare")(compare.compare)
     return app
 
 
@@ -68,21 +70,45 @@ def _report(e: BaseException, debug: bool) -> int:
     return int(ExitCode.FATAL)
 
 
+_SIGNALS: list[int] = []  # SIGTERM received (Typer turns the interrupt it raises into exit 130: tell them apart)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    from saliency_cli.errors import Terminated
+
+    _SIGNALS.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every outcome into one exit code."""
+    import signal
+    import warnings
+
     from saliency_cli.cli.console import err
+    from saliency_cli.errors import Terminated
 
     debug = os.environ.get("SALIENCY_DEBUG") == "1"
+    if not debug:  # library warnings (Pillow, torch, numpy) are not for the user; SALIENCY_DEBUG=1 shows them
+        warnings.simplefilter("ignore")
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: whole files only, run.json finalised, exit 143
     command = typer.main.get_command(build_app())
     try:
         code = command.main(args=argv, prog_name="saliency", standalone_mode=False)
-        if code == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C inside a command into Exit(130)
+        if code == ExitCode.INTERRUPTED and _SIGNALS:  # Typer turns any interrupt inside a command into 130
+            code = ExitCode.TERMINATED
+            err.print("saliency: terminated", markup=False)
+        elif code == ExitCode.INTERRUPTED:
             err.print("saliency: interrupted", markup=False)
     except typer.Exit as e:
         code = e.exit_code
-    except (KeyboardInterrupt, typer.Abort):
-        err.print("saliency: interrupted", markup=False)
-        code = ExitCode.INTERRUPTED
+    except (KeyboardInterrupt, typer.Abort) as e:  # click wraps a KeyboardInterrupt in Abort
+        if _SIGNALS or isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            err.print("saliency: terminated", markup=False)
+            code = ExitCode.TERMINATED
+        else:
+            err.print("saliency: interrupted", markup=False)
+            code = ExitCode.INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and an exit code
         code = _report(e, debug)
     sys.exit(int(code) if isinstance(code, int) else 0)

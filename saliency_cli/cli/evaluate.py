@@ -38,10 +38,13 @@ def parse_bounds(values: list[str] | None, option: str) -> dict[str, float]:
     return bounds
 
 
-def _names(text: str | None) -> list[str] | None:
+def _names(text: str | None, option: str = "--metrics") -> list[str] | None:
     if text is None:
         return None
-    return [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{option} {text!r}: give at least one name")
+    return names
 
 
 def evaluate(
@@ -78,7 +81,7 @@ def evaluate(
         raise UsageError("give at least one run folder (see saliency evaluate --help)")
     opts = api.EvaluateOptions(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
-        sanity=_names(sanity) or [], fail_under=parse_bounds(fail_under, "--fail-under"),
+        sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
         out=out_dir,
     )
@@ -88,10 +91,15 @@ def evaluate(
     finally:
         progress.stop()
     _report(ev, quiet, json_out)
+    for e in ev.errors:
+        err.print(f"[red]error[/red] {e['image']} ({e['method']}): {e['error']}", markup=True)
     if ev.failures:
         for f in ev.failures:
             err.print(f"saliency: gate failed: {f.message()}", markup=False)
         raise typer.Exit(ExitCode.GATE)
+    if ev.errors:
+        err.print(f"saliency: {len(ev.errors)} map(s) could not be scored, {ev.scored} scored", markup=False)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 def _report(ev: Any, quiet: bool, json_out: bool) -> None:

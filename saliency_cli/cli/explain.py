@@ -22,18 +22,35 @@ from saliency_cli.errors import ExitCode
 from saliency_cli.methods.settings import SETTINGS, Setting
 
 Inputs = Annotated[list[str], typer.Argument(help="Image files, folders (recursive), or - for paths on stdin")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="Run the passes on a private copy of the model with "
+                                    "BatchNorm folded into the convolutions (channels_last on CPU and CUDA): the "
+                                    "same maps within float32 rounding, faster")]
+CompileModel = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network once per run "
+                                            "(a compile up front; see the README's Speed section for when it pays)")]
+Workers = Annotated[int | None, typer.Option(help="Image decoding threads (default: CPU cores, at most 8)",
+                                             show_default=False)]
+ReportFlag = Annotated[bool, typer.Option("--report", help="Also write OUT/index.html, a page over the run (see "
+                                          "`saliency report`)")]
 
 
 def explain(
     inputs: Inputs,
     model: o.Model = "default",
     checkpoint: o.Checkpoint = None,
+    num_classes: o.NumClasses = None,
+    in_chans: o.InChans = None,
+    img_size: o.ImgSize = None,
+    model_kwargs: o.ModelKwargs = None,
+    weights: o.Weights = None,
     method: Annotated[str, typer.Option(help="Method name, or a comma list (see `saliency methods`)")] = "smoothgrad",
     target: Annotated[str, typer.Option(help="pred, a class index, a class name, or topk:K")] = "pred",
     out: o.OutDir = Path("saliency_out"),
     device: o.Device = "auto",
     precision: Annotated[o.Precision, typer.Option(help="Autocast precision; maps stay fp32")] = o.Precision.fp32,
     batch_size: o.BatchSize = "auto",
+    fast: Fast = True,
+    compile_model: CompileModel = False,
+    workers: Workers = None,
     seed: Annotated[int, typer.Option(help="Run seed; each image's noise also depends on its bytes")] = 0,
     reduce: Annotated[o.Reduction | None, typer.Option(help="Channel reduction of the saved map (default: the "
                                                        "method's); none keeps (C, H, W)")] = None,
@@ -50,6 +67,11 @@ def explain(
     crop_pct: o.CropPct = None,
     interpolation: o.Interpolation = None,
     labels: o.Labels = None,
+    max_pixels: Annotated[float, typer.Option(help="Refuse images with more decoded pixels than this (a record "
+                                              "says why)")] = 150e6,
+    overlay_size: Annotated[int, typer.Option(help="Long side of overlays at most, in pixels (huge photos are "
+                                              "drawn reduced)")] = 2048,
+    report: ReportFlag = False,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     **settings: Any,
@@ -63,12 +85,14 @@ def explain(
     stdin_lines = sys.stdin.read().splitlines() if "-" in inputs else None
     opts = ExplainOptions(
         inputs=inputs, out=out, model=model, checkpoint=checkpoint,
+        model_options=o.model_options(num_classes, in_chans, img_size, model_kwargs, weights),
         methods=[m.strip() for m in method.split(",") if m.strip()], noise=noise, hyper=hyper, target=target,
         device=device, precision=precision.value, batch_size=o.parse_batch_size(batch_size), seed=seed,
         reduce=None if reduce is None else reduce.value, score=score.value, colormap=colormap, alpha=alpha,
         percentile=percentile, overwrite=overwrite, cheap=cheap,
         data_overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
-        stdin_lines=stdin_lines,
+        stdin_lines=stdin_lines, max_pixels=int(max_pixels), overlay_size=overlay_size,
+        fast=fast, compile=compile_model, workers=workers,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
     from saliency_cli.api import explain as run_explain
@@ -91,8 +115,22 @@ def explain(
     if not json_out or not quiet:
         err.print(f"{counts.get('ok', 0)} explained, {counts.get('skipped', 0)} skipped, "
                   f"{counts.get('error', 0)} failed -> {out}", markup=False)
+    _write_report(out, quiet, enabled=report)
     if counts.get("error", 0):
         raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _write_report(out: Path, quiet: bool, enabled: bool) -> None:
+    """`--report`: the page over the finished run, written after it (not part of the pipeline)."""
+    if not enabled:
+        return
+    from saliency_cli.api import report
+
+    result = report([out], out=out)
+    for w in result.warnings:
+        warn(w)
+    if not quiet:
+        err.print(f"report: {result.path}", markup=False)
 
 
 def _setting_value(row: Setting, value: Any) -> Any:

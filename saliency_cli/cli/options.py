@@ -30,6 +30,7 @@ class Reduction(str, Enum):
     abs_sum = "abs-sum"
     max_abs = "max-abs"
     none = "none"
+    mean_abs_sum = "mean-abs-sum"  # noisegrad/fusiongrad: mean of each noisy model's sum_c |A_c| (the reference's)
 
 
 def choice_enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
@@ -54,6 +55,19 @@ Labels = Annotated[str | None, typer.Option(help="Class names: text file (one pe
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder")]
+# Model options: how to build the architecture a checkpoint needs (models.load_model's `options`).
+NumClasses = Annotated[int | None, typer.Option(help="Classes of the model's head, e.g. 10 for a checkpoint "
+                                                "trained on 10 classes (timm, torchvision)", show_default=False)]
+InChans = Annotated[int | None, typer.Option(help="Input channels the timm model is built for: 1 for a grayscale "
+                                             "model (images are then converted to gray)", show_default=False)]
+ImgSize = Annotated[int | None, typer.Option(help="Input side the timm model is built for (models with a fixed "
+                                             "size, such as ViTs); also the input size", show_default=False)]
+ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", metavar="JSON",
+                                                 help="JSON object of further arguments to timm.create_model or "
+                                                 "the torchvision builder, e.g. '{\"drop_rate\": 0}'",
+                                                 show_default=False)]
+Weights = Annotated[str | None, typer.Option(help="torchvision weights (e.g. IMAGENET1K_V2) whose preprocessing "
+                                             "and class names to use, with -m torchvision:NAME", show_default=False)]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
@@ -99,3 +113,33 @@ def data_overrides(input_size: str | None, mean: str | None, std: str | None, cr
         "input_size": None if size is None else (3, int(size[0]), int(size[-1])),
         "mean": values["--mean"], "std": values["--std"], "crop_pct": crop_pct, "interpolation": interpolation,
     }
+
+
+def model_options(num_classes: int | None, in_chans: int | None, img_size: int | None, model_kwargs: str | None,
+                  weights: str | None) -> dict[str, Any]:
+    """The model options as `load_model`'s `options` (only those given), checked here so that a bad value is a
+    usage error before torch is imported: positive whole numbers, a JSON object for --model-kwargs."""
+    options: dict[str, Any] = {}
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("img_size", img_size)):
+        if value is None:
+            continue
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        options[name] = value
+    if model_kwargs is not None:
+        import json
+
+        try:
+            kwargs = json.loads(model_kwargs)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--model-kwargs {model_kwargs!r}: not valid JSON ({e.msg} at character {e.pos})"
+                             ) from None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"--model-kwargs {model_kwargs!r}: expected a JSON object, e.g. '{{\"drop_rate\": 0}}'")
+        if kwargs:
+            options["model_kwargs"] = kwargs
+    if weights is not None:
+        if not weights.strip():
+            raise UsageError("--weights: give a weights name such as IMAGENET1K_V1")
+        options["weights"] = weights.strip()
+    return options

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from saliency_cli.data import InputRange
-from saliency_cli.methods.settings import BASELINES, QUADRATURES, SETTINGS, Setting
+from saliency_cli.methods.settings import BASELINES, CONVERGENCE_SETTINGS, NOISE_UNITS, QUADRATURES, SETTINGS, Setting
 from saliency_cli.numerics import SampleStats, gauss_legendre, quadrature
 from saliency_cli.oracle import GradientOracle
 
 __all__ = ["BASELINES", "QUADRATURES", "Attribution", "InputRange", "METHODS", "Method", "MethodContext",
-           "SampleStats", "expand_target", "gaussian", "gauss_legendre", "quadrature", "register",
-           "relative_sigma", "sample_chunks", "sample_result", "stream_gradients"]
+           "SampleStats", "expand_target", "gaussian", "gauss_legendre", "noise_sigma", "noise_stats", "quadrature",
+           "register", "relative_sigma", "sample_chunks", "sample_result", "stream_gradients"]
 
 
 @dataclass
@@ -48,10 +48,15 @@ class MethodContext:
 
 @dataclass
 class Attribution:
-    """maps: (B, C, H, W) float32. stats: per-image numbers for the manifest, each a (B,) tensor."""
+    """maps: (B, C, H, W) float32. stats: per-image numbers for the manifest, each a (B,) tensor.
+
+    display: an optional (B, H, W) map that cannot be computed from `maps` alone, picked by the channel
+    reduction `mean-abs-sum`: the mean over the averaged explanations of each one's `sum_c |A_c|` (the display
+    of the NoiseGrad/FusionGrad reference code, which needs every noisy model's own map)."""
 
     maps: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    display: torch.Tensor | None = None
 
 
 MethodFn = Callable[..., Attribution]
@@ -66,7 +71,10 @@ class Method:
     """A registered method and its metadata (listed by `saliency methods`).
 
     defaults: the value of each hyper-parameter (every key is a row of `settings.SETTINGS`). cost(hyper): model
-    passes per image at those settings. resolvers: run-level hooks `{setting: fn(value, oracle, x, ctx)}` that
+    passes per image at those settings. width(hyper): inputs per image the method sends to the oracle in one
+    call (smoothgrad: its samples; noisegrad: 1 per noisy model; mask: its chains; ggig: its path points);
+    None means its cost. The pipeline groups `batch_size // width` images so that every oracle call is full
+    (`oracle_width`). resolvers: run-level hooks `{setting: fn(value, oracle, x, ctx)}` that
     turn a value such as `auto` into a number once per run, on the run's calibration images, before the method
     is called (the method also resolves it itself when called directly).
     """
@@ -82,10 +90,42 @@ class Method:
     needs_gradients: bool = True
     cheap: dict[str, Any] = field(default_factory=dict)  # settings recommended where the defaults are slow
     resolvers: dict[str, Resolver] = field(default_factory=dict)
+    width: Callable[[dict[str, Any]], int] | None = None  # inputs per image in one oracle call; None: cost
+
+    def oracle_width(self, hyper: dict[str, Any]) -> int:
+        """Inputs per image in one oracle call at these settings (at least 1)."""
+        return max(1, int((self.width or self.cost)(hyper)))
 
     @property
     def settings(self) -> list[Setting]:
         return [SETTINGS[k] for k in self.defaults]
+
+    def uses(self, base: str | None = None) -> set[str]:
+        """The settings this method reads: its own and, over a base other than the gradient (`--base`), the
+        base method's (e.g. integrated-gradients' steps, baseline, quadrature)."""
+        names = set(self.defaults)
+        if "base" in self.defaults and base not in (None, "gradient") and base in METHODS:
+            names |= set(METHODS[base].defaults)
+        return names
+
+    def hyper_for(self, given: dict[str, Any], cheap: bool = False) -> dict[str, Any]:
+        """The hyper-parameters of a call: defaults < `cheap` (with --cheap) < given, for the method's own
+        settings; over another base, that base's defaults < its cheap settings < given for the base's settings;
+        `converge`/`max_samples` only when a sample count is `auto`. `given` may hold anything (a manifest's
+        params, the command line's options): other keys are ignored."""
+        own = {k: v for k, v in given.items() if v is not None and k in self.defaults}
+        hyper = {**self.defaults, **(self.cheap if cheap else {}), **own}
+        base = hyper.get("base")
+        if "base" in self.defaults and base not in (None, "gradient"):
+            if base not in METHODS:
+                raise ValueError(f"unknown base {base!r}")
+            b = METHODS[base]
+            hyper.update({**b.defaults, **(b.cheap if cheap else {}),
+                          **{k: v for k, v in given.items() if v is not None and k in b.defaults}})
+        if "auto" not in (hyper.get("samples"), hyper.get("models")):
+            for k in CONVERGENCE_SETTINGS:
+                hyper.pop(k, None)
+        return hyper
 
 
 METHODS: dict[str, Method] = {}
@@ -93,8 +133,8 @@ METHODS: dict[str, Method] = {}
 
 def register(name: str, *, summary: str, paper: str, defaults: dict[str, Any], stochastic: bool,
              cost: Callable[[dict[str, Any]], int], reduce: str = "abs-sum", needs_gradients: bool = True,
-             cheap: dict[str, Any] | None = None,
-             resolvers: dict[str, Resolver] | None = None) -> Callable[[MethodFn], MethodFn]:
+             cheap: dict[str, Any] | None = None, resolvers: dict[str, Resolver] | None = None,
+             width: Callable[[dict[str, Any]], int] | None = None) -> Callable[[MethodFn], MethodFn]:
     """Register `fn` under its CLI name. Every hyper-parameter must have a row in the settings table."""
 
     def wrap(fn: MethodFn) -> MethodFn:
@@ -104,7 +144,7 @@ def register(name: str, *, summary: str, paper: str, defaults: dict[str, Any], s
         if missing:
             raise ValueError(f"method {name!r}: no settings row for {', '.join(missing)} (methods/settings.py)")
         METHODS[name] = Method(name, fn, summary, paper, dict(defaults), stochastic, cost, reduce,
-                               needs_gradients, dict(cheap or {}), dict(resolvers or {}))
+                               needs_gradients, dict(cheap or {}), dict(resolvers or {}), width)
         return fn
 
     return wrap
@@ -120,6 +160,25 @@ def relative_sigma(x: torch.Tensor, noise: float) -> torch.Tensor:
     """Absolute noise std per image: `noise * (max - min)` of each image in model input space. (B,)"""
     flat = x.flatten(1)
     return noise * (flat.amax(1) - flat.amin(1))
+
+
+def noise_sigma(x: torch.Tensor, noise: float, unit: str = "relative") -> torch.Tensor:
+    """The absolute noise std of each image (B,), in model-input units, from `--noise` in `unit`: `relative`,
+    noise * (max(x) - min(x)) of the image (the SmoothGrad paper's convention); `absolute`, noise itself (as
+    Captum's `stdevs`, and the FusionGrad/SmoothTaylor references' 0.4 and 0.5)."""
+    if unit == "relative":
+        return relative_sigma(x, noise)
+    if unit == "absolute":
+        return torch.full((x.shape[0],), float(noise), dtype=torch.float32, device=x.device)
+    raise ValueError(f"noise_unit must be one of {NOISE_UNITS}, not {unit!r}")
+
+
+def noise_stats(x: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The noise of each image in both units, for the manifest: sigma (absolute std), noise_absolute (the same)
+    and noise_relative = sigma / (max(x) - min(x)). (B,) each."""
+    flat = x.flatten(1)
+    span = (flat.amax(1) - flat.amin(1)).clamp(min=torch.finfo(torch.float32).tiny)
+    return {"sigma": sigma, "noise_absolute": sigma.clone(), "noise_relative": sigma / span}
 
 
 def gaussian(generators: list[torch.Generator], n: int, like: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,13 @@ def straight_path(x: torch.Tensor, ref: torch.Tensor, alphas: torch.Tensor) -> t
     return ref[:, None] + alphas.view(1, -1, 1, 1, 1) * (x - ref)[:, None]
 
 
+GGIG_DEFAULTS = {"steps": 51, "iterations": 100, "step_size": 1e-4, "baseline": "mean", "ggig_reduce": "max"}
+
+
 @register("ggig", summary="Max of the gradient over ascent steps from points on the IG path",
-          paper="Rahman, Lewis, Plis 2022, arXiv:2206.05903",
-          defaults={"steps": 51, "iterations": 100, "step_size": 1e-4, "baseline": "mean", "ggig_reduce": "max"},
+          paper="Rahman, Lewis, Plis 2022, arXiv:2206.05903", defaults=GGIG_DEFAULTS,
           stochastic=False, cost=lambda h: h["steps"] * h["iterations"], reduce="sum",
-          cheap={"steps": 11, "iterations": 20})
+          cheap={"steps": 11, "iterations": 20}, width=lambda h: int(h["steps"]))
 def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, generators: list[torch.Generator],
          ctx: MethodContext, steps: int, iterations: int, step_size: float, baseline: str,
          ggig_reduce: str) -> Attribution:
@@ -74,12 +76,23 @@ def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, gener
         raise ValueError(f"unknown baseline {baseline!r}")
     if ggig_reduce not in REDUCTIONS:
         raise ValueError(f"ggig_reduce must be one of {REDUCTIONS}, not {ggig_reduce!r}")
+    ref = make_baseline(x, baseline, ctx.bounds, generators)  # (B, C, H, W); `mean` is 0 in normalised space
+    return ggig_map(oracle, x, target, ref, steps=steps, iterations=iterations, step_size=step_size,
+                    ggig_reduce=ggig_reduce)
+
+
+def ggig_map(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, ref: torch.Tensor, *, steps: int,
+             iterations: int, step_size: float, ggig_reduce: str) -> Attribution:
+    """The GGIG map of inputs x (B, C, H, W) from references ref (B, C, H, W): (B, C, H, W), see the module
+    docstring; steps x iterations gradient passes per input. Also the base attribution `ggig` of the smoothers
+    (methods/base_attribution.py), at each noisy input."""
+    if ggig_reduce not in REDUCTIONS:
+        raise ValueError(f"ggig_reduce must be one of {REDUCTIONS}, not {ggig_reduce!r}")
     steps, iterations = int(steps), int(iterations)
     if steps < 1 or iterations < 1:
         raise ValueError("steps and iterations must be at least 1")
     b, s = x.shape[0], steps
     alphas, weights = path_nodes(s, x.device)
-    ref = make_baseline(x, baseline, ctx.bounds, generators)  # (B, C, H, W); `mean` is 0 in normalised space
     points = straight_path(x, ref, alphas).flatten(0, 1)  # (B, S, C, H, W) -> (B*S, C, H, W)
     targets = expand_target(target, s)  # (B*S,)
     best = torch.full_like(points, float("-inf"))  # running max over steps, per point
@@ -89,12 +102,12 @@ def ggig(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, gener
         g, score = oracle.gradients(points, targets)  # (B*S, C, H, W), (B*S,)
         ok = torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(score)  # (B*S,)
         dropped += (~ok).to(torch.int64)
-        if not bool(ok.all()):  # leave NaN/Inf gradients out of the max, and do not move their points
-            okv = ok.view(-1, 1, 1, 1)
-            torch.maximum(best, torch.where(okv, g, float("-inf")), out=best)
-            g = torch.where(okv, g, 0.0)
-        else:
-            torch.maximum(best, g, out=best)
+        # NaN/Inf gradients are left out of the max and do not move their points. Masked in place whether or not
+        # any occurred (a no-op where all are finite), so no step waits for the device to answer `ok.all()`.
+        bad = ~ok.view(-1, 1, 1, 1)
+        g.masked_fill_(bad, float("-inf"))
+        torch.maximum(best, g, out=best)
+        g.masked_fill_(bad, 0.0)
         if t == 0:
             first = score
         last = score

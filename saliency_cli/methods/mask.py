@@ -82,7 +82,7 @@ def _passes(iterations: int, chains: int) -> int:
           defaults={"grid": 8, "iterations": 5000, "chains": 64, "keep": 0.3, "baseline": "black"},
           stochastic=True, cost=lambda h: _passes(int(h["iterations"]), int(h["chains"])), reduce="max-abs",
           needs_gradients=False,
-          cheap={"iterations": 2560, "chains": 64})
+          cheap={"iterations": 2560, "chains": 64}, width=lambda h: min(int(h["chains"]), int(h["iterations"])))
 def mask(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *, generators: list[torch.Generator],
          ctx: MethodContext, grid: int, iterations: int, chains: int, keep: float, baseline: str) -> Attribution:
     """The mask-optimisation saliency (B, C, H, W), the same [0, 1] map in every channel; see the module docstring.

@@ -21,6 +21,12 @@ QUADRATURES = ("gausslegendre", "riemann-left", "riemann-right", "riemann-middle
 BASELINES = ("black", "mean", "blur", "uniform")
 OBJECTIVES = ("noise", "aupc")
 GGIG_REDUCTIONS = ("max", "trapezoid")
+# The base attributions a smoother (smoothgrad, smoothgrad-sq, vargrad, noisegrad, fusiongrad, adaptgrad) can
+# average over its noise (`--base`); each is also a method, whose own settings (e.g. --steps) then apply.
+BASES = ("gradient", "input-x-gradient", "integrated-gradients", "ggig")
+NOISE_UNITS = ("relative", "absolute")
+# Settings that only matter when a sample count is `auto` (`-n auto`, `--models auto`); left out of a job otherwise.
+CONVERGENCE_SETTINGS = ("converge", "max_samples")
 
 
 def at_least(low: float) -> Callable[[Any], str | None]:
@@ -29,6 +35,10 @@ def at_least(low: float) -> Callable[[Any], str | None]:
 
 def between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low < v < high else f"must be between {low:g} and {high:g}"
+
+
+def in_range(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}"
 
 
 def positive(v: Any) -> str | None:
@@ -83,7 +93,7 @@ class Setting:
 
     def validate(self, value: Any) -> None:
         """Raise UsageError naming the option when `value` is not allowed."""
-        if self.auto and value == "auto":
+        if self.auto and (value == "auto" or (self.kind == "levels" and value == ["auto"])):
             return
         if self.choices:
             if value not in self.choices:
@@ -119,15 +129,26 @@ def add_setting(row: Setting) -> Setting:
 
 for _row in (
     Setting("noise", "Noise level relative to each image's range in model input space (sigma = noise * (max - "
-            "min)); a comma list sweeps, one map per level; smoothtaylor: auto (adaptive noising)", "levels",
-            check=non_negative, auto=True),
-    Setting("samples", "Noise samples per image", int, check=at_least(1), short="-n"),
+            "min)), or with --noise-unit absolute the std itself in model-input units; a comma list sweeps, one "
+            "map per level; smoothtaylor: auto (adaptive noising)", "levels", check=in_range(0, 10), auto=True),
+    Setting("noise_unit", "Unit of --noise: relative (to each image's range, the SmoothGrad paper's) or absolute "
+            "(model-input units, as Captum's stdevs)", str, choices=NOISE_UNITS),
+    Setting("samples", "Noise samples per image, or auto (rounds until two independent halves of the samples "
+            "agree to --converge, at most --max-samples)", int, check=in_range(1, 1_000_000), auto=True,
+            short="-n"),
+    Setting("converge", "-n/--models auto: stop when the split-half correlation of the pooled map reaches this",
+            float, check=between(0, 1)),
+    Setting("max_samples", "-n/--models auto: the most samples (noisy models for --models auto) per image", int,
+            check=in_range(2, 1_000_000)),
+    Setting("base", "Smoothers: the attribution averaged over the noise (its own options, e.g. --steps, apply)",
+            str, choices=BASES),
     Setting("steps", "Path points (integrated-gradients, ggig)", int, check=at_least(1)),
     Setting("baseline", "Reference input of path and mask methods", str, choices=BASELINES),
     Setting("quadrature", "Integrated-gradients quadrature rule", str, choices=QUADRATURES),
     Setting("weight_noise", "NoiseGrad/FusionGrad multiplicative weight noise s, or auto (about 5 % top-1 "
             "agreement lost)", float, check=non_negative, auto=True),
-    Setting("models", "Noisy models (noisegrad, fusiongrad)", int, check=at_least(1)),
+    Setting("models", "Noisy models (noisegrad, fusiongrad), or auto (rounds of models until the split-half "
+            "correlation reaches --converge, at most --max-samples models)", int, check=at_least(1), auto=True),
     Setting("confidence", "AdaptGrad: probability that a noisy sample stays in the valid input range", float,
             check=between(0, 1)),
     Setting("iterations", "GGIG ascent steps; mask forward passes", int, check=at_least(1)),

@@ -2,7 +2,11 @@
 
 - `pointing` (Zhang et al. 2016, pointing game): 1 when the map's maximum lies inside the object.
 - `energy` (Wang et al. 2020, Score-CAM's energy-based pointing game): the share of positive attribution
-  inside the object.
+  inside the object; negative values are clamped to 0 first, so on a signed map (`--reduce sum`, GGIG,
+  IG) the negative evidence is ignored.
+- `energy-signed`: the signed variant, sum of the map inside the object over the sum of |map| everywhere, in
+  [-1, 1]: negative attribution inside the object counts against it, negative attribution outside does not
+  count for it. On a non-negative map it equals `energy`.
 
 Regions are given in original-image pixels and brought into the map's frame (the model's input: resize and
 crop, `crop_box` of the manifest) by sampling every map pixel's centre.
@@ -43,16 +47,32 @@ def pointing(batch: Batch) -> Scores:
     return Scores(torch.where(has, value, torch.full_like(value, float("nan"))))
 
 
-@register("energy", summary="Share of the positive attribution inside the object (energy pointing game)",
+@register("energy", summary="Share of the positive attribution inside the object (energy pointing game); "
+          "negative values are clamped to 0 before the ratio (see energy-signed)",
           paper="Wang et al. 2020, Score-CAM, arXiv:1910.01279", higher_is_better=True, defaults={},
           cost=lambda o: 0, needs_regions=True)
 def energy(batch: Batch) -> Scores:
     """sum_{p in region} max(m_p, 0) / sum_p max(m_p, 0), in [0, 1]; NaN for rows without a region or with no
-    positive attribution. (R,)"""
+    positive attribution. Negative values are clamped to 0 before the ratio. (R,)"""
     regions, has = _regions(batch)
     pos = batch.maps.float().clamp(min=0).flatten(1)
     total = pos.sum(1)
     inside = (pos * regions.flatten(1).float()).sum(1)
+    value = inside / total.clamp(min=1e-30)
+    return Scores(torch.where(has & (total > 0), value, torch.full_like(value, float("nan"))))
+
+
+@register("energy-signed", summary="Signed energy: sum of the map inside the object over the sum of |map|, in "
+          "[-1, 1] (negative attribution inside counts against)",
+          paper="Wang et al. 2020, Score-CAM, arXiv:1910.01279 (signed variant)", higher_is_better=True,
+          defaults={}, cost=lambda o: 0, needs_regions=True)
+def energy_signed(batch: Batch) -> Scores:
+    """sum_{p in region} m_p / sum_p |m_p|, in [-1, 1]; equal to `energy` on a non-negative map; NaN for rows
+    without a region or with an all-zero map. (R,)"""
+    regions, has = _regions(batch)
+    m = batch.maps.float().flatten(1)
+    total = m.abs().sum(1)
+    inside = (m * regions.flatten(1).float()).sum(1)
     value = inside / total.clamp(min=1e-30)
     return Scores(torch.where(has & (total > 0), value, torch.full_like(value, float("nan"))))
 

@@ -1,9 +1,11 @@
 """Sanity checks: does the map depend on the model? Both recompute maps with the run's method and settings.
 
-- `randomization` (Adebayo et al. 2018, cascading model randomisation): the parameters are re-drawn layer by
-  layer from the classifier down; after each stage the map is recomputed and compared with the clean one by
-  Spearman rank correlation. A method that explains the model decorrelates (low is good); one that ignores
-  it (an edge detector) stays at 1.
+- `randomization` (Adebayo et al. 2018, cascading model-parameter randomisation, as Quantus's MPRT does it):
+  from the logits down, each layer (each module with its own `reset_parameters()`: convolutions, linear
+  layers, normalisation layers) is re-initialised with its own initialiser, BatchNorm running statistics
+  included (`reset_running_stats()`), cumulatively; after each layer the map is recomputed and compared with
+  the clean one by Spearman rank correlation. A method that explains the model decorrelates (low is good); one
+  that ignores it (an edge detector) stays at 1.
 - `perturbation` (Rahman et al. 2022, GGIG's model-perturbation check): Gaussian noise of std t * std(W) is
   added to every parameter tensor W for t on a grid up to 100 %; the recomputed map's rank correlation with
   the clean map is set against the class probability. A trustworthy map degrades in step with the model's
@@ -13,11 +15,11 @@ A check is registered like a metric (`@register_check`), with its metadata and i
 
     fn(oracle, recompute, probability, *, seed, **options) -> SanityResult
 
-and `evaluate` dispatches through `SANITY_CHECKS`. The parameters are only written through
-`GradientOracle.parameters_edited()`, which always restores them; buffers such as BatchNorm running statistics
-are never touched. Every draw comes from a `torch.Generator` seeded from the run seed and the stage
-(`numerics.purpose_seed`), so each group of images sees the same randomised models. A model without
-parameters (e.g. a frozen TorchScript module) cannot be checked: a SaliencyError says so.
+and `evaluate` dispatches through `SANITY_CHECKS`. The model is only written through
+`GradientOracle.parameters_edited()` (its `reset_layer` for the randomisation), which always restores the
+parameters and every buffer it touched. Every draw is seeded from the run seed and the stage or layer
+(`numerics.purpose_seed`, `numerics.derive_seed`), so each group of images sees the same randomised models. A
+model without parameters (e.g. a frozen TorchScript module) cannot be checked: a SaliencyError says so.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from saliency_cli.errors import SaliencyError
-from saliency_cli.numerics import purpose_seed, seeded_generator, spearman
+from saliency_cli.numerics import derive_seed, purpose_seed, seeded_generator, spearman
 from saliency_cli.oracle import GradientOracle
 
 Recompute = Callable[[], torch.Tensor]  # maps (R, H, W) of the rows under the model as it is now
@@ -95,36 +97,26 @@ def _require_parameters(oracle: GradientOracle, check: str) -> None:
                             "TorchScript module); run the check on a model whose weights can be edited")
 
 
-def layer_units(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
-    """The model's layers in input-to-output order, as (name, parameters): its top-level children, with a
-    Sequential or ModuleList child opened one level (timm's `blocks` -> its stages). Children without
-    parameters are dropped; a model without children is one unit."""
-    units: list[tuple[str, list[torch.nn.Parameter]]] = []
-    for name, child in model.named_children():
-        if isinstance(child, torch.nn.Sequential | torch.nn.ModuleList) or type(child).__name__ in (
-                "Sequential", "ModuleList"):
-            parts = [(f"{name}.{n}", c) for n, c in child.named_children()]
-        else:
-            parts = [(name, child)]
-        for n, c in parts:
-            params = list(c.parameters())
-            if params:
-                units.append((n, params))
-    covered = {id(p) for _, ps in units for p in ps}
-    rest = [p for p in model.parameters() if id(p) not in covered]
-    if not units:
-        return [("model", rest)] if rest else []
-    if rest:  # parameters held by the model itself (e.g. a class token) go with the first layer
-        units[0] = (units[0][0], rest + units[0][1])
-    return units
+def reinit_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers the cascade re-initialises, in the model's registration order (input to output for the usual
+    sequential layout): every module with a callable `reset_parameters()` and a parameter or buffer of its own
+    (Quantus's MPRT takes every module with `reset_parameters`; a container without tensors of its own adds
+    nothing). Parameters of modules without `reset_parameters` (e.g. a class token) are not re-initialised.
+    Names are the modules' qualified names (`blocks.6.0.conv_pwl`); the model itself is `model`."""
+    out = []
+    for name, m in model.named_modules():
+        own = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+        if own and callable(getattr(m, "reset_parameters", None)):
+            out.append((name or "model", m))
+    return out
 
 
-def cascade_stages(units: list[tuple[str, list[torch.nn.Parameter]]], max_stages: int
-                   ) -> list[tuple[str, list[torch.nn.Parameter]]]:
+def cascade_stages(units: list[tuple[str, list[Any]]], max_stages: int) -> list[tuple[str, list[Any]]]:
     """Units from the output down, merged into at most `max_stages` groups of consecutive units (the top unit
-    alone when there is room, the rest split as evenly as possible). Stage k re-draws groups 0..k."""
+    alone when there is room, the rest split as evenly as possible; `max_stages` 0: one group per unit). Stage
+    k re-initialises groups 0..k."""
     top_down = list(reversed(units))
-    if len(top_down) <= max_stages:
+    if max_stages <= 0 or len(top_down) <= max_stages:
         return top_down
     head, rest, k = ([top_down[0]], top_down[1:], max_stages - 1) if max_stages >= 2 else ([], top_down, 1)
     size, extra = divmod(len(rest), k)
@@ -139,11 +131,17 @@ def cascade_stages(units: list[tuple[str, list[torch.nn.Parameter]]], max_stages
     return groups
 
 
+def layer_seed(seed: int, layer: str) -> int:
+    """The seed of one layer's re-initialisation: a function of the run seed and the layer's name only, so a
+    layer gets the same random weights whatever the stages, the images or the method."""
+    return derive_seed("randomization", seed, layer)
+
+
 @dataclass
 class RandomizationResult:
-    """stages: the names of the groups re-drawn at each stage (top first; stage k includes 0..k);
-    correlations (K, R): Spearman of each row's map with its clean map after stage k; value (R,): the last
-    stage's correlation (everything re-drawn)."""
+    """stages: the layers re-initialised at each stage (top first; stage k includes 0..k; `a..b` for a merged
+    group); correlations (K, R): Spearman of each row's map with its clean map after stage k; value (R,): the
+    last stage's correlation (every layer re-initialised)."""
 
     stages: list[str]
     correlations: torch.Tensor
@@ -162,26 +160,34 @@ class RandomizationResult:
 
 
 @register_check("randomization",
-                summary="Spearman correlation of the map with the map of the fully re-drawn model (cascading)",
+                summary="Spearman correlation of the map with the map of the model re-initialised layer by layer "
+                        "from the logits down (cascading MPRT; one map per layer, a model-dependent count, or "
+                        "max_stages)",
                 paper="Adebayo et al. 2018, Sanity Checks for Saliency Maps, arXiv:1810.03292",
-                higher_is_better=False, defaults={"max_stages": 12}, cost=lambda o: o["max_stages"] + 1,
+                higher_is_better=False, defaults={"max_stages": 0},
+                cost=lambda o: o["max_stages"] + 1 if o["max_stages"] > 0 else 0,
                 layout=lambda means: dict(means["correlations"]))
 def randomization(oracle: GradientOracle, recompute: Recompute, probability: Probability | None = None, *,
-                  seed: int = 0, max_stages: int = 12) -> RandomizationResult:
-    """Cascading randomisation from the classifier down (Adebayo 2018): after each stage, the Spearman rank
-    correlation of the recomputed maps with the clean ones. Cost: (stages + 1) map recomputations.
-    probability: not used (the cascade compares maps only; every check takes the same arguments)."""
+                  seed: int = 0, max_stages: int = 0) -> RandomizationResult:
+    """Cascading model-parameter randomisation (Adebayo 2018; Quantus's MPRT, `layer_order` top-down): for
+    each layer of `reinit_layers` from the output down, `reset_parameters()` (and `reset_running_stats()`)
+    under torch's global generator seeded with `layer_seed(seed, layer name)`, cumulatively, then the Spearman
+    rank correlation of the recomputed maps with the clean ones. max_stages 0 (default): a point after every
+    layer, the per-layer curve; k > 0: after each of k groups of consecutive layers (the same re-initialised
+    weights, fewer recomputations). Cost: (stages + 1) map recomputations. probability: not used (the cascade
+    compares maps only; every check takes the same arguments). Parameters and buffers are restored after."""
     _require_parameters(oracle, "randomization")
+    layers = reinit_layers(oracle.model)
+    if not layers:
+        raise SaliencyError("--sanity randomization: no layer of the model has reset_parameters()")
     clean = recompute()
-    stages = cascade_stages(layer_units(oracle.model), max_stages)
-    device = clean.device
+    stages = cascade_stages([(name, [(name, m)]) for name, m in layers], max_stages)
     out = []
     with oracle.parameters_edited() as editor:
-        generator = seeded_generator(purpose_seed(seed, "randomization"), editor.device)
-        for _, params in stages:
-            editor.redraw(params, generator)
-            maps = recompute()
-            out.append(spearman(maps, clean).to(device))
+        for _, members in stages:
+            for name, module in members:
+                editor.reset_layer(module, layer_seed(seed, name))
+            out.append(spearman(recompute(), clean).to(clean.device))
     return RandomizationResult([name for name, _ in stages], torch.stack(out))
 
 

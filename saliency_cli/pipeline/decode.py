@@ -3,6 +3,7 @@ otherwise decode and preprocess it while the model computes on the previous grou
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from saliency_cli.data import InputItem, decode, file_digest, preprocess
+from saliency_cli.data import MAX_PIXELS, InputItem, decode, file_digest, preprocess, read_input
 from saliency_cli.errors import ImageError, first_line
 
 Records = list[dict[str, Any]]
@@ -33,13 +34,17 @@ class Decoded:
 
 
 def decode_item(item: InputItem, data_config: dict[str, Any],
-                finished: Callable[[InputItem, str], dict[str, Records | None]]) -> Decoded:
+                finished: Callable[[InputItem, str], dict[str, Records | None]],
+                max_pixels: int = MAX_PIXELS) -> Decoded:
     """Read, hash and (unless `finished(item, digest)` says every job is done) decode and preprocess one input."""
     d = Decoded(item)
     try:
-        data = item.path.read_bytes()
+        data = read_input(item.path)
     except OSError as e:
         d.error = f"cannot read file: {e.strerror or e}"
+        return d
+    except ImageError as e:
+        d.error = str(e)
         return d
     d.digest = file_digest(data)
     done = finished(item, d.digest)
@@ -47,7 +52,7 @@ def decode_item(item: InputItem, data_config: dict[str, Any],
         d.done = {k: v for k, v in done.items() if v}
         return d
     try:
-        d.image = decode(data)
+        d.image = decode(data, max_pixels=max_pixels, data_config=data_config)
         d.x, d.box = preprocess(d.image, data_config)
     except ImageError as e:
         d.error = str(e)
@@ -70,3 +75,9 @@ def prefetch(items: Iterable[InputItem], work: Callable[[InputItem], Decoded], p
         nxt = next(it, None)
         if nxt is not None:
             pending.append(pool.submit(work, nxt))
+
+
+def default_workers() -> int:
+    """Decoding threads when `--workers` is not given: one per CPU core, at most 8 (PIL decodes and the resize
+    release the GIL; more threads than cores only contend with the model's own threads)."""
+    return max(1, min(8, os.cpu_count() or 1))

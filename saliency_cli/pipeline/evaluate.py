@@ -9,6 +9,7 @@ run folders -> run.json (model source, data config, seed) + manifest.jsonl (imag
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,13 +21,13 @@ import numpy as np
 import torch
 
 from saliency_cli.data import baseline, input_bounds
-from saliency_cli.errors import SaliencyError, UsageError
+from saliency_cli.errors import SaliencyError, UsageError, first_line
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import Method, MethodContext
 from saliency_cli.metrics import BASELINES, METRICS, SANITY_CHECKS, Batch, Scores, merge_options, scorer_for
 from saliency_cli.metrics.base import mean_curves
 from saliency_cli.metrics.localisation import box_region, index_masks, lookup, mask_region, read_boxes
-from saliency_cli.models import LoadedModel, resolve_device
+from saliency_cli.models import LoadedModel, num_classes, resolve_device
 from saliency_cli.numerics import mean_ci95, seeded_generator
 from saliency_cli.oracle import GradientOracle, default_batch_size
 from saliency_cli.pipeline.evaluation_files import Evaluation, Failure, jsonable, write_reports
@@ -41,6 +42,7 @@ from saliency_cli.pipeline.runs import (
     reload_model,
 )
 from saliency_cli.reduce import reduce_channels
+from saliency_cli.writers import manifest_parts
 
 __all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer",
            "resolve"]
@@ -91,7 +93,7 @@ def _check_inputs(opts: EvaluateOptions) -> None:
     if not opts.runs:
         raise UsageError("give at least one run folder")
     for run in opts.runs:
-        if not (Path(run) / "manifest.jsonl").is_file() or not (Path(run) / "run.json").is_file():
+        if not manifest_parts(Path(run)) or not (Path(run) / "run.json").is_file():
             raise UsageError(f"{run} is not an explain run folder (no run.json and manifest.jsonl)")
     if opts.baseline not in BASELINES:
         raise UsageError(f"--baseline {opts.baseline!r}: expected one of {', '.join(BASELINES)}")
@@ -211,6 +213,16 @@ class _Session:
     failed: set[int] = field(default_factory=set)  # indices of rows whose image or map could not be read
     collector: _Collector = field(default_factory=_Collector)
     warnings: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # one per row that could not be scored
+
+    def fail(self, row: Row, reason: str) -> None:
+        """Record that a row could not be scored; the others go on."""
+        i = self.row_id[id(row)]
+        if i in self.failed:
+            return
+        self.failed.add(i)
+        self.errors.append({"run": str(row.run.folder), "image": row.image, "method": row.label,
+                            "target": row.record.get("target"), "error": reason})
 
     def __post_init__(self) -> None:
         self.row_id = {id(row): i for i, row in enumerate(self.all_rows)}
@@ -228,6 +240,7 @@ class _RunScope:
     cfg: dict[str, Any]
     ctx: MethodContext  # the input range on the device, the run seed, the metric scorer
     device: torch.device
+    classes: int  # the model's class count: a row whose target is not below it cannot be scored
 
 
 @dataclass
@@ -252,7 +265,8 @@ def _open_run(run: RunData, opts: EvaluateOptions, device: torch.device, models:
     oracle = GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=opts.batch_size is None)
     cfg = run.info["data_config"]
     bounds = input_bounds(cfg).to(device)
-    return _RunScope(run, oracle, cfg, MethodContext(bounds, seed=run.seed, scorer=scorer_for(bounds)), device)
+    return _RunScope(run, oracle, cfg, MethodContext(bounds, seed=run.seed, scorer=scorer_for(bounds)), device,
+                     num_classes(model))
 
 
 # -- the evaluation ---------------------------------------------------------------------------------------
@@ -272,6 +286,8 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     models: dict[str, LoadedModel] = {}
     done = 0
     for run in runs:
+        if run.bad_lines:
+            session.warnings.append(f"{run.folder}: {run.bad_lines} unreadable manifest line(s) skipped")
         if not run.rows:
             session.warnings.append(f"{run.folder}: no finished maps")
             continue
@@ -297,38 +313,54 @@ def _evaluate_group(s: _Session, scope: _RunScope, rows: list[Row]) -> None:
     group = _load_group(s, scope, rows)
     if not group.rows:
         return
-    batch = _group_batch(s, scope, group)
-    ids, labels = s.ids(group.rows), [r.label for r in group.rows]
-    for name in s.selection.metrics:
-        t0 = time.perf_counter()
-        scores = METRICS[name].fn(batch, **s.selection.metric_options[name])
-        s.collector.timed(name, len(group.rows), t0)
-        s.collector.add(name, ids, labels, scores)
-    for name in s.selection.sanity:
-        _sanity_check(s, scope, name, group.rows, batch)
+    try:
+        batch = _group_batch(s, scope, group)
+        ids, labels = s.ids(group.rows), [r.label for r in group.rows]
+        for name in s.selection.metrics:
+            t0 = time.perf_counter()
+            scores = METRICS[name].fn(batch, **s.selection.metric_options[name])
+            s.collector.timed(name, len(group.rows), t0)
+            s.collector.add(name, ids, labels, scores)
+        for name in s.selection.sanity:
+            _sanity_check(s, scope, name, group.rows, batch)
+    except (KeyboardInterrupt, UsageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one group's failure is recorded per row; the other groups go on
+        if os.environ.get("SALIENCY_DEBUG") == "1":
+            raise
+        for row in group.rows:
+            s.fail(row, first_line(e))
 
 
 def _load_group(s: _Session, scope: _RunScope, rows: list[Row]) -> _Group:
     """The images and maps of the rows; a row whose image or map cannot be read is a warning and is left out."""
     loaded: dict[str, LoadedImage] = {}
+    failures: dict[str, str] = {}
     for row in rows:
-        if row.image in loaded:
+        if row.image in loaded or row.image in failures:
             continue
         try:
             loaded[row.image] = load_image(row, scope.cfg, scope.device)
         except SaliencyError as e:
-            s.warnings.append(f"{row.image}: {e}")
+            failures[row.image] = str(e)
+        except Exception as e:  # noqa: BLE001 - a bad image is this row's error, not the evaluation's
+            failures[row.image] = first_line(e)
     group = _Group([], loaded, [])
     for row in rows:
         if row.image not in loaded:
-            s.failed.add(s.row_id[id(row)])
+            s.fail(row, failures.get(row.image, "the image could not be read"))
+            continue
+        if not 0 <= row.target < scope.classes:
+            s.fail(row, f"target {row.target} is not a class of the model ({scope.classes} classes)")
             continue
         x = loaded[row.image].x
         try:
             group.maps.append(load_map(row, (x.shape[-2], x.shape[-1])))
         except SaliencyError as e:
-            s.warnings.append(f"{row.image} ({row.label}): {e}")
-            s.failed.add(s.row_id[id(row)])
+            s.fail(row, str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - e.g. a map of shape (0, 0)
+            s.fail(row, f"cannot use the map: {first_line(e)}")
             continue
         group.rows.append(row)
     return group
@@ -413,8 +445,7 @@ def recomputer(method: Method, params: dict[str, Any], oracle: GradientOracle, x
     """A closure recomputing the rows' maps under the model as it is when called, exactly as explain did:
     the recorded hyper-parameters, each image's generator from (run seed, image bytes), the recorded channel
     reduction ('none' -> sum of |.|). Rows go in groups sized like explain's (batch size / method cost)."""
-    hyper = {k: params[k] for k in method.defaults if k in params}
-    hyper = {**method.defaults, **hyper}
+    hyper = method.hyper_for(params)  # the recorded settings, with a smoother's --base settings
     how = str(params.get("reduce") or method.reduce)
     cost = max(1, int(method.cost(hyper)))
 
@@ -424,7 +455,7 @@ def recomputer(method: Method, params: dict[str, Any], oracle: GradientOracle, x
         for a in range(0, x.shape[0], step):
             gens = [seeded_generator(s, x.device) for s in seeds[a:a + step]]
             result = method.fn(oracle, x[a:a + step], target[a:a + step], generators=gens, ctx=ctx, **hyper)
-            m = reduce_channels(result.maps.float(), how)
+            m = reduce_channels(result.maps.float(), how, result.display)
             out.append(m.abs().sum(1) if m.dim() == 4 else m)
         return torch.cat(out)
 
@@ -483,7 +514,7 @@ def _finish(s: _Session, runs: list[RunData]) -> Evaluation:
                                  "boxes": opts.boxes, "masks": opts.masks, "device": opts.device,
                                  "fail_under": opts.fail_under, "fail_over": opts.fail_over})}
     ev = Evaluation(images, summary, curves, _sanity_summaries(s), sel.metrics, timing, failures, s.warnings,
-                    info, out)
+                    info, out, errors=s.errors, scored=len(images))
     if opts.write:
         ev.files = write_reports(ev, out, plots=opts.plots)
     return ev

@@ -60,6 +60,8 @@ class Evaluation:
     info: dict[str, Any]
     out: Path
     files: dict[str, str] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be scored, with the reason
+    scored: int = 0  # rows scored
 
     def higher_is_better(self, name: str) -> bool:
         """Whether a larger value of metric or sanity check `name` is better."""
@@ -71,7 +73,7 @@ class Evaluation:
                 "images": self.images, "summary": self.summary, "curves": self.curves, **self.sanity,
                 "seconds_per_image": self.timing, "gates": [f.__dict__ | {"message": f.message()}
                                                              for f in self.failures],
-                "warnings": self.warnings}
+                "warnings": self.warnings, "errors": self.errors, "scored": self.scored}
 
 
 def jsonable(value: Any) -> Any:

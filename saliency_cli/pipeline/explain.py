@@ -7,6 +7,7 @@ pipeline/outputs.py, the planning in pipeline/plan.py, the finished-work index i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,27 +15,35 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO, Any
 
 import torch
-from PIL import Image
 
-from saliency_cli.data import InputItem, decode, discover, image_seed, input_bounds, preprocess
-from saliency_cli.errors import ImageError, OutputError, SaliencyError, UsageError, first_line
+from saliency_cli.data import InputItem, decode, discover, image_seed, input_bounds, preprocess, read_input
+from saliency_cli.errors import ImageError, OutputError, SaliencyError, StdoutClosed, UsageError, first_line
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
-from saliency_cli.models import attach_default_labels, load_model, resolve_device
+from saliency_cli.models import attach_default_labels, num_classes
 from saliency_cli.numerics import seeded_generator
-from saliency_cli.oracle import GradientOracle, default_batch_size
-from saliency_cli.pipeline.decode import Decoded, decode_item, prefetch
-from saliency_cli.pipeline.outputs import OnRecord, Outputs
+from saliency_cli.oracle import (
+    FastModel,
+    GradientOracle,
+    channels_last_gains,
+    default_batch_size,
+    fast_copy,
+    to_device,
+)
+from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, prefetch
+from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.resume import FinishedIndex
+from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, load_run_model, resolve_run_level, run_device
 from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import finite, write_json
+from saliency_cli.writers import RunLock, finite, remove_stray_temporaries, write_json
 
-CALIBRATION_IMAGES = 16  # images that run-level resolvers (weight noise `auto`) calibrate on
+MAX_GROUP = 256  # images per group at most (noisegrad's width is 1: a batch size of 1024 would hold 1024 images)
 
 
 def versions() -> dict[str, str]:
@@ -56,8 +65,10 @@ class ExplainRun:
     """One `explain` run: owns the model, the oracle, the decoding threads and the outputs."""
 
     def __init__(self, opts: ExplainOptions, on_record: OnRecord | None = None,
-                 on_start: Callable[[int], None] | None = None, echo: IO[str] | None = None) -> None:
+                 on_start: Callable[[int], None] | None = None, echo: IO[str] | None = None,
+                 on_warning: Callable[[str], None] | None = None) -> None:
         self.opts = opts
+        self.on_warning = on_warning
         self.warnings = validate(opts, METHODS)
         self.on_record = on_record
         self.on_start = on_start
@@ -76,21 +87,46 @@ class ExplainRun:
 
     def _set_up(self, items: list[InputItem]) -> None:
         opts = self.opts
-        self.device = resolve_device(opts.device)
+        self.device = run_device(opts)
         if opts.precision == "fp16" and self.device.type == "cpu":
             raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
         self._prepare_out()
-        self.model = load_model(opts.model, checkpoint=opts.checkpoint, device=self.device,
-                                overrides=opts.data_overrides, labels_file=opts.labels_file)
+        self.model = load_run_model(opts, self.device)
         batch = opts.batch_size or default_batch_size(self.device)
+        fast, self.fast_info = self._fast_model()
         self.oracle = GradientOracle(self.model.module, batch_size=batch, score=opts.score, precision=opts.precision,
-                                     auto_backoff=opts.batch_size is None)
+                                     auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile)
+        self._check_target()
         bounds = input_bounds(self.model.data_config).to(self.device)
         self.ctx = MethodContext(bounds, seed=opts.seed, scorer=self._scorer)
         self.jobs = make_jobs(opts, METHODS)
         self.resolved = self._resolve_run_level(items)
         assign_identities(self.jobs, opts, self.model.source, self.model.data_config)
         self.finished = FinishedIndex(opts.out, enabled=not opts.overwrite)
+        if self.finished.bad_lines:
+            self._warn(f"{self.finished.bad_lines} unreadable line(s) of the manifest in {opts.out} were skipped")
+
+    def _fast_model(self) -> tuple[FastModel | None, dict[str, Any]]:
+        """The oracle's private copy of the model (`--fast`: BatchNorm folded, channels_last where the device
+        gains; oracle.fast_copy), checked against the model on two random inputs of its input size. The maps
+        equal the model's within float32 rounding; what was done goes to run.json."""
+        if not self.opts.fast:
+            return None, {"folded": 0, "channels_last": False, "max_rel_diff": None, "reason": "--no-fast"}
+        size = self.model.data_config.get("input_size")
+        example = None
+        if size:
+            example = torch.randn((2, *size), generator=torch.Generator().manual_seed(0)).to(self.device)
+        return fast_copy(self.model.module, channels_last=channels_last_gains(self.device), example=example)
+
+    def _check_target(self) -> None:
+        """`--target` against the model's classes, before any image is explained."""
+        classes = num_classes(self.model)
+        attach_default_labels(self.model, classes)
+        kind, value = parse_target(self.opts.target)
+        if kind == "index" and value >= classes:
+            raise UsageError(f"--target {value}: the model has {classes} classes (0 to {classes - 1})")
+        if kind == "name":
+            self.model.class_index(value)
 
     def _scorer(self, metric: str, oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor,
                 maps: torch.Tensor) -> torch.Tensor:
@@ -99,21 +135,15 @@ class ExplainRun:
     def _resolve_run_level(self, items: list[InputItem]) -> dict[str, Any]:
         """Run-level values (`--weight-noise auto`) resolved once, by the methods' registered resolvers, on the
         first readable images of the run; every job then uses the same number."""
-        resolved: dict[str, Any] = {}
-        for job in self.jobs:
-            for name, resolver in job.method.resolvers.items():
-                if job.hyper.get(name) != "auto":
-                    continue
-                if name not in resolved:
-                    resolved[name] = float(resolver("auto", self.oracle, self._calibration_images(items), self.ctx))
-                job.hyper[name] = resolved[name]
-        return resolved
+        return resolve_run_level(self.jobs, self.oracle, lambda: self._calibration_images(items), self.ctx)
 
     def _calibration_images(self, items: list[InputItem]) -> torch.Tensor:
         xs = []
         for item in items:
             try:
-                xs.append(preprocess(decode(item.path.read_bytes()), self.model.data_config)[0])
+                cfg = self.model.data_config
+                xs.append(preprocess(decode(read_input(item.path), max_pixels=self.opts.max_pixels, data_config=cfg),
+                                     cfg)[0])
             except (OSError, ImageError):
                 continue
             if len(xs) >= CALIBRATION_IMAGES:
@@ -127,6 +157,8 @@ class ExplainRun:
             "command": sys.argv, "cwd": os.getcwd(), "versions": versions(), "device": str(self.device),
             "model": self.model.source, "data_config": self.model.data_config, "options": jsonable(asdict(self.opts)),
             "started": started.isoformat(), "inputs": len(items), "batch_size": self.oracle.batch_size,
+            "fast": self.fast_info, "compile": self.opts.compile, "group_size": self._group_size(),
+            "decode_workers": self._workers(),
         }
         if "weight_noise" in self.resolved:
             info["weight_noise_auto"] = self.resolved["weight_noise"]
@@ -136,17 +168,28 @@ class ExplainRun:
     def run(self) -> dict[str, Any]:
         opts = self.opts
         started = datetime.now(timezone.utc)
-        items = discover(opts.inputs, opts.stdin_lines)
+        excluded: list[Path] = []
+        items = discover(opts.inputs, opts.stdin_lines, exclude=opts.out, excluded=excluded)
+        if excluded:
+            self._warn(f"{len(excluded)} file(s) under the output folder {opts.out} are outputs, not inputs: left out")
         if not items:
             raise UsageError("no images found in the inputs given")
-        self._set_up(items)
+        with contextlib.ExitStack() as stack:
+            self._prepare_out()
+            stack.enter_context(RunLock(opts.out / ".saliency.lock"))
+            remove_stray_temporaries(opts.out)
+            self._set_up(items)
+            return self._run_locked(items, started)
+
+    def _run_locked(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
+        opts = self.opts
         info = self._run_info(items, started)
         write_json(opts.out / "run.json", info)
         if self.on_start is not None:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
         self.outputs = Outputs(opts.out, seed=opts.seed, score=opts.score, label=self.model.label, display=display,
-                               on_record=self.on_record, echo=self.echo)
+                               on_record=self.on_record, echo=self.echo, overlay_size=opts.overlay_size)
         interrupted = True
         try:
             self._loop(items)
@@ -155,12 +198,32 @@ class ExplainRun:
             self.outputs.close(interrupted)
             info.update(finished=datetime.now(timezone.utc).isoformat(), counts=dict(self.outputs.counts),
                         interrupted=interrupted, batch_size_final=self.oracle.batch_size)
+            if self.outputs.echo_broken:
+                info["stopped"] = "stdout closed by its reader"
             write_json(opts.out / "run.json", info)
+        if self.outputs.echo_broken:
+            raise StdoutClosed(f"stdout was closed by its reader; stopped after {sum(info['counts'].values())} "
+                               f"records (all in {opts.out}/manifest.jsonl)")
         return info
 
+    def _warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+
     def _group_size(self) -> int:
-        cost = max(max(1, job.method.cost(job.hyper)) for job in self.jobs)
-        return max(1, self.oracle.batch_size // cost)
+        """Images per group: `batch_size // width` for the widest job, so that every oracle call of every job is
+        full (width: the inputs per image a method sends in one call, e.g. 1 for noisegrad's noisy models), at
+        most MAX_GROUP. The decoder holds at most about two groups of inputs ahead (`_loop`)."""
+        widths = []
+        for job in self.jobs:
+            try:
+                widths.append(job.method.oracle_width(job.hyper))
+            except (TypeError, ValueError):  # a count not known before the run (e.g. `auto`): one image a group
+                widths.append(self.oracle.batch_size)
+        return max(1, min(MAX_GROUP, self.oracle.batch_size // max(widths)))
+
+    def _workers(self) -> int:
+        return self.opts.workers or default_workers()
 
     def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[dict[str, Any]] | None]:
         return {job.tag: self.finished.get(item.key, job.config_id, digest) for job in self.jobs}
@@ -168,11 +231,15 @@ class ExplainRun:
     def _loop(self, items: list[InputItem]) -> None:
         group_size = self._group_size()
         cfg = self.model.data_config
-        decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        workers = self._workers()
+        decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         try:
             group: list[Decoded] = []
-            work = lambda item: decode_item(item, cfg, self._finished_jobs)  # noqa: E731
-            for d in prefetch(items, work, decoders, window=max(4, 2 * group_size)):
+            work = lambda item: decode_item(item, cfg, self._finished_jobs, self.opts.max_pixels)  # noqa: E731
+            for d in prefetch(items, work, decoders, window=max(4, workers, 2 * group_size)):
+                self.outputs.check()
+                if self.outputs.echo_broken:
+                    return
                 if d.error is not None:
                     for job in self.jobs:
                         self.outputs.error(d, job, d.error)
@@ -206,7 +273,7 @@ class ExplainRun:
         return [(i, cls) for i in range(len(group))]
 
     def _explain_group(self, group: list[Decoded]) -> None:
-        x = torch.stack([d.x for d in group]).to(self.device)  # type: ignore[misc]
+        x = to_device(torch.stack([d.x for d in group]), self.device)  # type: ignore[misc]  # pinned, async on CUDA
         probs = self.oracle.logits(x).softmax(1)
         attach_default_labels(self.model, probs.shape[1])
         rows = self._targets(group, probs)
@@ -214,38 +281,44 @@ class ExplainRun:
         target = torch.tensor([c for _, c in rows], device=self.device)
         xr = x[idx]  # (R, C, H, W): one row per (image, target)
         topk = parse_target(self.opts.target)[0] == "topk"
-        panels: dict[int, list[tuple[str, Future[Image.Image | None]]]] = {r: [] for r in range(len(rows))}
+        panels: dict[int, list[tuple[str, Panel]]] = {r: [] for r in range(len(rows))}
         for job in self.jobs:
-            todo = self._skip_finished(group, rows, job)
+            todo = self._skip_finished(group, rows, job, panels)
             if todo:
                 self._run_job(job, group, rows, todo, xr, target, probs, topk, panels)
         for r, entries in panels.items():
             i, c = rows[r]
-            if len(entries) > 1:
+            changed = any(isinstance(panel, Future) for _, panel in entries)
+            if len(entries) > 1 and changed:
                 self.outputs.write_strip(group[i], c if topk else None, entries)
 
-    def _skip_finished(self, group: list[Decoded], rows: list[tuple[int, int]], job: Job) -> list[int]:
-        """Record the rows of `job` already done as skipped; return the rows still to do."""
+    def _skip_finished(self, group: list[Decoded], rows: list[tuple[int, int]], job: Job,
+                       panels: dict[int, list[tuple[str, Panel]]]) -> list[int]:
+        """Record the rows of `job` already done as skipped (their overlays still count as montage panels);
+        return the rows still to do."""
         todo = []
         for r, (i, c) in enumerate(rows):
-            done = self.finished.get(group[i].item.key, job.config_id, group[i].digest)
+            done = [rec for rec in self.finished.get(group[i].item.key, job.config_id, group[i].digest) or []
+                    if rec.get("target") == c]
             if not done:
                 todo.append(r)
                 continue
             for rec in done:
-                if rec.get("target") == c:
-                    self.outputs.skipped(rec)
+                self.outputs.skipped(rec, image=str(group[i].item.path))
+                overlay = (rec.get("outputs") or {}).get("overlay")
+                if overlay:
+                    panels[r].append((job.tag, overlay))
         return todo
 
     def _run_job(self, job: Job, group: list[Decoded], rows: list[tuple[int, int]], todo: list[int],
                  xr: torch.Tensor, target: torch.Tensor, probs: torch.Tensor, topk: bool,
-                 panels: dict[int, list[tuple[str, Future[Image.Image | None]]]]) -> None:
+                 panels: dict[int, list[tuple[str, Panel]]]) -> None:
         gens = [seeded_generator(image_seed(self.opts.seed, group[rows[r][0]].digest), self.device) for r in todo]
         sel = torch.tensor(todo, device=self.device)
         t0 = time.perf_counter()
         try:
             result = job.method.fn(self.oracle, xr[sel], target[sel], generators=gens, ctx=self.ctx, **job.hyper)
-            maps = reduce_channels(result.maps, job.reduce).float().cpu().numpy()
+            maps = reduce_channels(result.maps, job.reduce, result.display).float().cpu().numpy()
             stats = {k: v.detach().cpu().tolist() for k, v in result.stats.items()}
         except (KeyboardInterrupt, SaliencyError):
             raise

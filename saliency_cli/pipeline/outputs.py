@@ -14,20 +14,23 @@ import numpy as np
 from PIL import Image
 
 from saliency_cli.data import visible_region
-from saliency_cli.errors import first_line
+from saliency_cli.errors import OutputError, first_line
 from saliency_cli.pipeline.decode import Decoded
 from saliency_cli.pipeline.plan import Job
-from saliency_cli.render import overlay, strip
+from saliency_cli.render import input_caption, montage_title, overlay, settings_text, strip
 from saliency_cli.writers import Manifest, finite, write_npy, write_png
 
 OnRecord = Callable[[dict[str, Any]], None]
+Panel = Future[Image.Image | None] | str  # an overlay being written, or one on disk (relative to --out)
 
 
 class Outputs:
     """The run's writer thread, manifest and counts. Display options: colormap, alpha, percentile."""
 
     def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
-                 on_record: OnRecord | None = None, echo: IO[str] | None = None) -> None:
+                 on_record: OnRecord | None = None, echo: IO[str] | None = None,
+                 manifest_name: str = "manifest.jsonl", overlay_size: int = 2048) -> None:
+        self.overlay_size = overlay_size
         self.out = out
         self.seed = seed
         self.score = score
@@ -35,13 +38,39 @@ class Outputs:
         self.display = display
         self.on_record = on_record
         self.counts = {"ok": 0, "error": 0, "skipped": 0}
-        self.manifest = Manifest(out / "manifest.jsonl", echo=echo)
+        self.shown: dict[str, dict[str, Any]] = {}  # overlay path -> its record (montage titles)
+        self.manifest = Manifest(out / manifest_name, echo=echo)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        self.failure: BaseException | None = None  # the first exception raised in the writer thread
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run fn on the writer thread; an exception there (a full disk, an unwritable manifest) is kept and
+        raised in the main thread by `check()`, never lost with its future."""
+        self.check()
+        fut = self.pool.submit(fn, *args)
+        fut.add_done_callback(self._watch)
+        return fut
+
+    def _watch(self, fut: Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None and self.failure is None:
+            self.failure = fut.exception()
+
+    def check(self) -> None:
+        """Raise OutputError when the writer thread failed: the run stops, visibly."""
+        if self.failure is not None:
+            raise OutputError(f"writing outputs failed: {first_line(self.failure)}") from self.failure
+
+    @property
+    def echo_broken(self) -> bool:
+        """stdout (`--json`) was closed by its reader, e.g. `| head`."""
+        return self.manifest.echo_broken
 
     def close(self, interrupted: bool) -> None:
         """Wait for the writes; on Ctrl-C queued writes are dropped and the running one finishes."""
         self.pool.shutdown(wait=True, cancel_futures=interrupted)
         self.manifest.close()
+        if not interrupted:
+            self.check()
 
     # -- records --------------------------------------------------------------------------------------
     def params(self, job: Job) -> dict[str, Any]:
@@ -60,7 +89,7 @@ class Outputs:
 
     def submit_record(self, rec: dict[str, Any]) -> None:
         """Records without files still go through the writer thread, so the manifest keeps one order."""
-        self.pool.submit(self._emit, rec)
+        self._submit(self._emit, rec)
 
     def error(self, d: Decoded, job: Job, reason: str) -> None:
         self.submit_record(self.record(d, job, status="error", error=reason))
@@ -71,6 +100,8 @@ class Outputs:
 
     def _emit(self, rec: dict[str, Any]) -> None:
         self.manifest.append(rec)
+        if (rec.get("outputs") or {}).get("overlay"):
+            self.shown[rec["outputs"]["overlay"]] = rec
         self.counts[rec["status"]] = self.counts.get(rec["status"], 0) + 1
         if self.on_record is not None:
             self.on_record(rec)
@@ -83,7 +114,7 @@ class Outputs:
     def write_map(self, d: Decoded, job: Job, cls: int, prob: float, m: np.ndarray, stats: dict[str, Any],
                   seconds: float, topk: bool) -> Future[Image.Image | None]:
         """Queue the .npy, the overlay and the record of one map; the future gives the overlay (None on error)."""
-        return self.pool.submit(self._write_map, d, job, cls, prob, m, stats, seconds, topk)
+        return self._submit(self._write_map, d, job, cls, prob, m, stats, seconds, topk)
 
     def _write_map(self, d: Decoded, job: Job, cls: int, prob: float, m: np.ndarray, stats: dict[str, Any],
                    seconds: float, topk: bool) -> Image.Image | None:
@@ -95,15 +126,16 @@ class Outputs:
                 raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
             write_npy(npy, m.astype(np.float32))
             assert d.image is not None and d.box is not None
-            image = overlay(visible_region(d.image, d.box), m, **self.display)
+            image = overlay(self._region(d), m, **self.display)
             write_png(png, image)
         except Exception as e:  # noqa: BLE001
             self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
                                    score=prob))
             return None
         params = self.params(job)
-        if "sigma" in stats:
-            params["sigma"] = stats.pop("sigma")
+        for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
+            if key in stats:
+                params[key] = stats.pop(key)
         rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
                           outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
                           seconds=round(seconds, 4))
@@ -113,18 +145,49 @@ class Outputs:
         self._emit(rec)
         return image
 
-    def write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Future[Image.Image | None]]]) -> None:
-        """Queue the montage (several methods) or sweep strip (one method, several noise levels) of one image."""
-        self.pool.submit(self._write_strip, d, cls, entries)
-
-    def _write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Future[Image.Image | None]]]) -> None:
+    def _region(self, d: Decoded) -> Image.Image:
+        """The part of the image the model saw, reduced to at most `overlay_size` on its long side (a 48 MP photo's
+        overlay would take gigabytes at full size)."""
         assert d.image is not None and d.box is not None
-        panels = [("original", visible_region(d.image, d.box))]
-        panels += [(tag, fut.result()) for tag, fut in entries if fut.result() is not None]  # type: ignore[misc]
+        region = visible_region(d.image, d.box)
+        if max(region.size) > self.overlay_size:
+            region.thumbnail((self.overlay_size, self.overlay_size), Image.Resampling.LANCZOS)
+        return region
+
+    def write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Panel]]) -> None:
+        """Queue the montage (several methods) or sweep strip (one method, several noise levels) of one image.
+        Each panel is an overlay being written now (a future) or, for a job finished earlier, its overlay file
+        (a path relative to --out), so a montage is rewritten whenever any of its panels changes."""
+        self._submit(self._write_strip, d, cls, entries)
+
+    def _panel(self, panel: Panel) -> Image.Image | None:
+        if isinstance(panel, Future):
+            return panel.result()
+        try:
+            with Image.open(self.out / panel) as im:
+                return im.convert("RGB")
+        except OSError:
+            return None
+
+    def _write_strip(self, d: Decoded, cls: int | None, entries: list[tuple[str, Panel]]) -> None:
+        assert d.image is not None and d.box is not None
+        region = self._region(d)
+        panels: list[tuple[str, Image.Image]] = [(input_caption(region), region)]
+        records = []
+        for tag, panel in entries:
+            image = self._panel(panel)
+            rel = panel if isinstance(panel, str) else f"{d.item.key}.{tag}" + (f".class{cls}" if cls is not None
+                                                                                  else "") + ".png"
+            rec = self.shown.pop(rel, {})
+            if image is not None:
+                records.append(rec)
+                panels.append((f"{tag}\n{settings_text(rec.get('params'))}", image))
         if len(panels) < 3:
             return
         levels = {tag.split(".noise")[0] for tag, _ in entries}
         name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
             f".class{cls}" if cls is not None else "")
         path, _ = self._paths(d, name + ".png")
-        write_png(path, strip(panels))
+        title = montage_title(d.item.key, records[0] if records else None, seed=self.seed, score=self.score,
+                              topk=cls is not None)
+        write_png(path, strip(panels, title=title))

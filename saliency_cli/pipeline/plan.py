@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,11 @@ from typing import Any
 
 from saliency_cli import __version__
 from saliency_cli.errors import UsageError
-from saliency_cli.methods.settings import SETTINGS
+from saliency_cli.methods.settings import CONVERGENCE_SETTINGS, SETTINGS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORES = ("logit", "prob", "logprob")
-REDUCTIONS = ("sum", "abs-sum", "max-abs", "none")
+REDUCTIONS = ("sum", "abs-sum", "max-abs", "none", "mean-abs-sum")
 
 
 @dataclass
@@ -28,12 +29,15 @@ class ExplainOptions:
 
     hyper: method hyper-parameters by settings-table name (`samples`, `weight_noise`, ...); `noise` is a list of
     levels (several: a sweep, one map per level) or ["auto"] (smoothtaylor's adaptive noising).
+    model_options: `load_model`'s options. For an in-memory model, `data_overrides` gives (or completes) its data
+    config: a plain module needs input_size, mean and std there; a timm model or a LoadedModel brings its own.
     """
 
     inputs: list[str]
     out: Path = Path("saliency_out")
-    model: str = "default"
+    model: Any = "default"  # a model spec (models.load_model), or an in-memory nn.Module / LoadedModel (api.explain)
     checkpoint: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)  # num_classes, in_chans, img_size, model_kwargs, ...
     methods: list[str] = field(default_factory=lambda: ["smoothgrad"])
     noise: list[float | str] | None = None
     hyper: dict[str, Any] = field(default_factory=dict)
@@ -52,6 +56,12 @@ class ExplainOptions:
     data_overrides: dict[str, Any] = field(default_factory=dict)
     labels_file: str | None = None
     stdin_lines: list[str] | None = None
+    max_pixels: int = 150_000_000  # decoded pixels of one image at most (data.MAX_PIXELS)
+    overlay_size: int = 2048  # overlays are drawn on a copy at most this long on its long side
+    # Speed only: maps equal within float32 rounding, so not part of a job's identity (run.json records them).
+    fast: bool = True  # passes on a private copy with BatchNorm folded into the convolutions (+ channels_last)
+    compile: bool = False  # torch.compile the network once per run
+    workers: int | None = None  # decoding threads; None: min(8, CPU cores)
 
 
 @dataclass
@@ -66,7 +76,11 @@ class Job:
 
     @property
     def tag(self) -> str:
-        return self.method.name + ("" if self.level is None else f".noise{self.level:g}")
+        """The name of the job's output files: `method`, `method+base` over another base than the gradient
+        (`smoothgrad+integrated-gradients`), then `.noiseLEVEL` in a sweep."""
+        base = self.hyper.get("base")
+        name = self.method.name + ("" if base in (None, "gradient") else f"+{base}")
+        return name + ("" if self.level is None else f".noise{self.level:g}")
 
 
 def _check_methods(opts: ExplainOptions, methods: Collection[str]) -> None:
@@ -95,8 +109,16 @@ def _check_choices(opts: ExplainOptions) -> None:
 
         if opts.colormap not in matplotlib.colormaps:
             raise UsageError(f"--colormap {opts.colormap!r} is not a matplotlib colormap")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device.strip()):
+        raise UsageError(f"--device {opts.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if not str(opts.out).strip():
         raise UsageError("-o/--out: give a folder")
+    if opts.max_pixels < 1:
+        raise UsageError("--max-pixels must be at least 1")
+    if opts.overlay_size < 16:
+        raise UsageError("--overlay-size must be at least 16 pixels")
+    if opts.workers is not None and opts.workers < 1:
+        raise UsageError("--workers must be at least 1")
 
 
 def _check_noise(opts: ExplainOptions, methods: dict[str, Any]) -> None:
@@ -105,6 +127,21 @@ def _check_noise(opts: ExplainOptions, methods: dict[str, Any]) -> None:
         if len(opts.noise) > 1 or others:
             raise UsageError("--noise auto is smoothtaylor's adaptive noising: use it alone, with smoothtaylor"
                              + (f" (not {', '.join(others)})" if others else ""))
+        if opts.hyper.get("noise_unit") == "absolute":
+            raise UsageError("--noise auto searches an absolute sigma already: drop --noise-unit absolute")
+
+
+def _check_smoothers(opts: ExplainOptions, methods: dict[str, Any]) -> None:
+    """--reduce mean-abs-sum, -n auto and --models auto only where a method offers them."""
+    if opts.reduce == "mean-abs-sum":
+        bad = [m for m in opts.methods if methods[m].reduce != "mean-abs-sum"]
+        if bad:
+            raise UsageError(f"--reduce mean-abs-sum is the display of noisegrad and fusiongrad (not {', '.join(bad)})")
+    if opts.hyper.get("samples") == "auto":
+        if "fusiongrad" in opts.methods:
+            raise UsageError("-n auto: fusiongrad's rounds run over noisy models; use --models auto")
+        if "smoothtaylor" in opts.methods and opts.noise is not None and "auto" in opts.noise:
+            raise UsageError("-n auto needs a fixed --noise with smoothtaylor (not --noise auto)")
 
 
 def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
@@ -123,13 +160,25 @@ def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
         SETTINGS[key].validate(value)
 
 
+def _check_combinations(jobs: list[Job]) -> None:
+    """Settings that are each valid but not together."""
+    for job in jobs:
+        if job.hyper.get("quadrature") == "trapezoid" and int(job.hyper.get("steps", 2)) < 2:
+            raise UsageError(f"{job.method.name}: --quadrature trapezoid needs --steps 2 or more")
+
+
 def validate(opts: ExplainOptions, methods: dict[str, Any]) -> list[str]:
     """Check the options before anything is loaded; returns warnings (options no chosen method uses)."""
     check_options(opts, methods)
     _check_noise(opts, methods)
-    used = set().union(*(methods[m].defaults for m in opts.methods))
+    _check_smoothers(opts, methods)
+    jobs = make_jobs(opts, methods)
+    _check_combinations(jobs)
+    used = set().union(*(job.hyper for job in jobs), *(methods[m].uses(opts.hyper.get("base")) for m in opts.methods))
     given = [k for k, v in opts.hyper.items() if v is not None] + (["noise"] if opts.noise is not None else [])
-    return [f"{SETTINGS[k].flag} is not used by {', '.join(opts.methods)}" for k in given if k not in used]
+    return [f"{SETTINGS[k].flag} is not used by {', '.join(opts.methods)}"
+            + (" (only with -n auto or --models auto)" if k in CONVERGENCE_SETTINGS else "")
+            for k in given if k not in used or (k in CONVERGENCE_SETTINGS and not any(k in j.hyper for j in jobs))]
 
 
 def parse_target(spec: str) -> tuple[str, Any]:
@@ -168,8 +217,7 @@ def make_jobs(opts: ExplainOptions, methods: dict[str, Any]) -> list[Job]:
     jobs = []
     for name in opts.methods:
         method = methods[name]
-        given = {k: v for k, v in opts.hyper.items() if v is not None and k in method.defaults}
-        base = {**method.defaults, **(method.cheap if opts.cheap else {}), **given}
+        base = method.hyper_for(opts.hyper, opts.cheap)  # over another base (--base), its settings too
         levels: list[float | None] = [None]
         if "noise" in method.defaults and opts.noise is not None:
             levels = [float(v) for v in opts.noise] if len(opts.noise) > 1 else [None]  # a sweep is numeric
@@ -177,8 +225,17 @@ def make_jobs(opts: ExplainOptions, methods: dict[str, Any]) -> list[Job]:
                 base["noise"] = opts.noise[0]
         for level in levels:
             hyper = dict(base) if level is None else {**base, "noise": level}
-            jobs.append(Job(method, hyper, level, opts.reduce or method.reduce))
+            jobs.append(Job(method, hyper, level, opts.reduce or _default_reduce(method, hyper, methods)))
     return jobs
+
+
+def _default_reduce(method: Any, hyper: dict[str, Any], methods: dict[str, Any]) -> str:
+    """The method's channel reduction; a smoother whose default is the gradient's `abs-sum` takes its base's
+    over another base (integrated-gradients, input-x-gradient, ggig: the signed `sum`)."""
+    base = hyper.get("base")
+    if method.reduce == "abs-sum" and base not in (None, "gradient") and base in methods:
+        return str(methods[base].reduce)
+    return str(method.reduce)
 
 
 def assign_identities(jobs: list[Job], opts: ExplainOptions, source: dict[str, Any],

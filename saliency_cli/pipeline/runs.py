@@ -15,9 +15,10 @@ import torch
 from saliency_cli.data import decode, file_digest, image_seed, preprocess
 from saliency_cli.errors import ModelError, SaliencyError, UsageError
 from saliency_cli.models import LoadedModel, load_model_from_source
-from saliency_cli.writers import read_manifest
+from saliency_cli.writers import read_manifests
 
-PARAM_NOISE = {"seed", "sigma"}  # per-run or per-image values that do not tell methods apart
+PARAM_NOISE = {"seed", "sigma", "noise_absolute", "noise_relative"}  # per-run or per-image values that do not
+# tell methods apart
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunData:
     name: str
     info: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    bad_lines: int = 0  # manifest lines that were torn or malformed (skipped)
 
     @property
     def seed(self) -> int:
@@ -74,7 +76,9 @@ def read_run(folder: Path) -> RunData:
         raise UsageError(f"{folder}/run.json: no model source or data config recorded")
     run = RunData(folder, folder.resolve().name or str(folder), info)
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for rec in read_manifest(folder / "manifest.jsonl"):
+    content = read_manifests(folder)
+    run.bad_lines = content.bad_lines
+    for rec in content.records:
         if rec.get("status") not in ("ok", "skipped") or not (rec.get("outputs") or {}).get("npy"):
             continue
         if rec.get("target") is None:
@@ -157,9 +161,9 @@ def load_image(row: Row, cfg: dict[str, Any], device: torch.device) -> LoadedIma
     recorded = row.record.get("sha256")
     if recorded and recorded != digest:
         raise SaliencyError("the image file changed since the run (sha256 differs)")
-    img = decode(data)
+    img = decode(data, data_config=cfg)
     x, box = preprocess(img, cfg)
-    return LoadedImage(x.to(device), image_seed(row.run.seed, digest), img.size, box)
+    return LoadedImage(x.to(device), image_seed(row.run.seed, digest), img.info.get("original_size", img.size), box)
 
 
 def load_map(row: Row, shape: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,507 @@
+"""`saliency report`: one static, self-contained HTML page (index.html + thumbs/) over explain run folders.
+
+    run folders -> run.json, every manifest part (records of every status), evaluation.json, comparison.json
+      -> rows (one per image and target) x columns (one per method label) -> thumbnails -> index.html
+
+The page works opened from disk (file://) and makes no network request: the row data is embedded as JSON in a
+`<script type="application/json">` tag, the script and styles are inline, every link is a path relative to the
+report folder. Rows are sorted by (image key, target) and the JSON is written one row per line with sorted keys,
+so two reports of similar runs diff line by line. Sorting, filtering and pagination (50 rows a page by default)
+are a few lines of plain JavaScript in the template (templates/report.html.j2), so 10,000 rows open at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from PIL import Image
+
+from saliency_cli.errors import UsageError
+from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, assign_labels
+from saliency_cli.writers import finite, manifest_parts, read_manifests, write_bytes
+
+THUMBS = "thumbs"
+COMPARE_METRICS = ("spearman", "iou")  # comparison.json values shown as metrics of the cells they belong to
+COMPARE_HELP = {"spearman": "Spearman rank correlation", "iou": "overlap (IoU) of the top-10 % pixels"}
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ReportOptions:
+    """`runs`: explain run folders; `out`: the report folder (default: the first run); `comparison`: a
+    comparison.json to show (default: any in the run folders); `page_size` rows a page; `thumb_size` px wide."""
+
+    runs: list[Path]
+    out: Path | None = None
+    comparison: Path | None = None
+    page_size: int = 50
+    thumb_size: int = 160
+
+
+@dataclass
+class Report:
+    """What was written: the page, its counts, and warnings (unreadable files, unmatched metrics)."""
+
+    path: Path
+    rows: int
+    columns: list[str]
+    thumbnails: int
+    errors: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_records(folder: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every record of a run's manifest parts (`manifest*.jsonl`, shards included), of every status, in file
+    order, and the number of unreadable lines. The one place the report reads records from."""
+    content = read_manifests(folder)
+    return content.records, content.bad_lines
+
+
+def latest_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last record of each (key, method, settings, target), as a re-run appends; an error without a target
+    (the image could not be decoded) is dropped once a later record of that image and job has a target."""
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for rec in records:
+        settings = {k: v for k, v in (rec.get("params") or {}).items() if k not in PARAM_NOISE}
+        job = (rec.get("key"), rec.get("method"), json.dumps(settings, sort_keys=True, default=str))
+        if rec.get("target") is not None:
+            latest.pop((*job, None), None)
+        latest[(*job, rec.get("target"))] = rec
+    return list(latest.values())
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{folder}/run.json: cannot read it ({e}); is it a `saliency explain` output "
+                         "folder?") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{folder}/run.json: not a JSON object")
+    return info
+
+
+def open_runs(folders: list[Path]) -> tuple[list[RunData], list[str]]:
+    """The runs with a Row for every latest record (every status), labelled like `evaluate` labels them, and
+    warnings about unreadable manifest lines."""
+    if not folders:
+        raise UsageError("give at least one run folder (see saliency report --help)")
+    runs, warnings = [], []
+    for folder in folders:
+        if not folder.is_dir() or not manifest_parts(folder):
+            raise UsageError(f"{folder} is not an explain run folder (no manifest.jsonl)")
+        info = _read_info(folder)
+        run = RunData(folder, folder.resolve().name or str(folder), info)
+        records, bad = run_records(folder)
+        run.rows = [Row(run, rec) for rec in latest_records(records)]
+        run.bad_lines = bad
+        if bad:
+            warnings.append(f"{folder}: {bad} unreadable manifest lines skipped")
+        runs.append(run)
+    assign_labels(runs)
+    return runs, warnings
+
+
+def link(target: Path, base: Path) -> str:
+    """`target` as a URL relative to the folder `base` (both may be relative to the working folder)."""
+    rel = os.path.relpath(os.path.abspath(target), os.path.abspath(base))
+    return quote(Path(rel).as_posix())
+
+
+# -- columns and rows ---------------------------------------------------------------------------------------
+def _column_order(runs: list[RunData]) -> list[str]:
+    """Method labels in the order the runs asked for the methods (then noise level, then name)."""
+    order: dict[str, tuple[Any, ...]] = {}
+    for i, run in enumerate(runs):
+        asked = list((run.info.get("options") or {}).get("methods") or [])
+        for row in run.rows:
+            method = str(row.record.get("method"))
+            pos = asked.index(method) if method in asked else len(asked)
+            noise = (row.record.get("params") or {}).get("noise")
+            key = (i, pos, method, noise if isinstance(noise, int | float) else -1.0, row.label)
+            order[row.label] = min(order.get(row.label, key), key)
+    return sorted(order, key=lambda label: order[label])
+
+
+def _row_id(rec: dict[str, Any]) -> tuple[str, str, int]:
+    target = rec.get("target")
+    return str(rec.get("key")), str(rec.get("sha256") or ""), -1 if target is None else int(target)
+
+
+def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
+    rec = row.record
+    outputs = rec.get("outputs") or {}
+    cell: dict[str, Any] = {"s": rec.get("status"), "e": rec.get("error")}
+    if outputs.get("overlay"):
+        cell["o"] = link(row.run.folder / outputs["overlay"], out)
+    if outputs.get("npy"):
+        cell["n"] = link(row.run.folder / outputs["npy"], out)
+    if thumb:
+        cell["t"] = thumb
+    if isinstance(rec.get("score"), int | float):
+        cell["p"] = rec["score"]
+    if values is not None:
+        cell["m"] = values
+    return cell
+
+
+def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[int, str],
+               metrics: Metrics) -> list[dict[str, Any]]:
+    """One row per (image key, file digest, target): {"k": key, "i": image path, "h": link to the image, "g":
+    target, "l": class name, "p": probability, "s": status, "c": {column index: cell}}, each cell {"s": status,
+    "e": error, "o": overlay link, "n": .npy link, "t": thumbnail, "p": probability, "m": metric values}."""
+    col = {label: i for i, label in enumerate(columns)}
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for run in runs:
+        for r in run.rows:
+            rec = r.record
+            ident = _row_id(rec)
+            row = rows.setdefault(ident, {"k": ident[0], "c": {}, "s": "ok", "g": ident[2]})
+            image = Path(r.image)
+            row.setdefault("i", str(rec.get("image")))
+            if "h" not in row and image.is_file():
+                row["h"] = link(image, out)
+            if row.get("l") is None and rec.get("label") is not None:
+                row["l"] = rec.get("label")
+            if row.get("p") is None and isinstance(rec.get("score"), int | float):
+                row["p"] = rec["score"]
+            row["c"][str(col[r.label])] = _cell(r, out, thumbs.get(id(r)), metrics.cell(r))
+    for row in rows.values():
+        statuses = {c["s"] for c in row["c"].values()}
+        row["s"] = "error" if "error" in statuses else ("ok" if "ok" in statuses else "skipped")
+    return [rows[k] for k in sorted(rows)]
+
+
+# -- thumbnails -----------------------------------------------------------------------------------------------
+def _thumb(src: Path, dst: Path, size: int) -> bool:
+    """A JPEG of the overlay `size` px wide (its colour bar included), unless an up-to-date one exists."""
+    try:
+        if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+            return True
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size * 4), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85, optimize=True)
+        write_bytes(dst, buf.getvalue())
+        return True
+    except OSError:
+        return False
+
+
+def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Progress | None) -> dict[int, str]:
+    """Thumbnails of every overlay under out/thumbs/r<run index>/ (names mirror the overlays'); returns
+    {id(row): link relative to out}. Four threads: Pillow decodes, resizes and encodes without the GIL."""
+    jobs: list[tuple[Row, Path, Path]] = []
+    for i, run in enumerate(runs):
+        for row in run.rows:
+            overlay = (row.record.get("outputs") or {}).get("overlay")
+            if overlay and row.record.get("status") in ("ok", "skipped"):
+                jobs.append((row, run.folder / overlay, out / THUMBS / f"r{i}" / Path(overlay).with_suffix(".jpg")))
+    links: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumbs") as pool:
+        futures = [pool.submit(_thumb, src, dst, size) for _, src, dst in jobs]
+        for n, ((row, _, dst), fut) in enumerate(zip(jobs, futures, strict=True)):
+            if fut.result():
+                links[id(row)] = link(dst, out)
+            if on_progress is not None:
+                on_progress(n + 1, len(jobs))
+    return links
+
+
+# -- metrics (evaluation.json) and comparisons (comparison.json) ---------------------------------------------
+def _load_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        warnings.append(f"{path}: cannot read it ({e})")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _base_label(label: str, run: RunData) -> str:
+    """A method label without the run prefix `assign_labels` (or a multi-run evaluate) put in front of it."""
+    for prefix in (f"{run.name}/", f"{run.folder}/", f"{run.folder.resolve()}/"):
+        if label.startswith(prefix):
+            return label[len(prefix):]
+    return label
+
+
+def _run_for(recorded: str | None, runs: list[RunData], home: Path, listed: int) -> RunData | None:
+    """The run a file's entry belongs to: the same folder; the folder holding the file when the file covers one
+    run; else the run of the same folder name."""
+    if recorded:
+        for run in runs:
+            if Path(recorded).resolve() == run.folder.resolve():
+                return run
+    if listed <= 1:
+        return next((run for run in runs if run.folder.resolve() == home.resolve()), None)
+    name = Path(recorded or "").name
+    return next((run for run in runs if run.name == name), None)
+
+
+class Metrics:
+    """Metric values per row of the report: `names` (display order), their metadata, and values by id(Row)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.meta: dict[str, dict[str, Any]] = {}
+        self.values: dict[int, dict[str, float | None]] = defaultdict(dict)
+        self.index: dict[tuple[str, str, int, str], Row] = {}
+
+    def add_name(self, name: str, meta: dict[str, Any]) -> None:
+        if name not in self.meta:
+            self.names.append(name)
+            self.meta[name] = meta
+
+    def set(self, run: RunData, key: Any, target: Any, label: Any, values: dict[str, Any]) -> bool:
+        """Attach `values` to the row of `run` with that key, target and (base) method label."""
+        if target is None:
+            return False
+        row = self.index.get((str(run.folder), str(key), int(target), _base_label(str(label), run)))
+        if row is None:
+            return False
+        self.values[id(row)].update({k: v for k, v in values.items() if k in self.meta})
+        return True
+
+    def cell(self, row: Row) -> list[float | None] | None:
+        vals = self.values.get(id(row))
+        if not vals:
+            return None
+        return [finite(vals.get(n)) for n in self.names]
+
+
+def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings: list[str]) -> list[dict[str, Any]]:
+    """Every run folder's evaluation.json: per-image metrics attached to rows; returns the summaries to show."""
+    shown, seen = [], set()
+    for run in runs:
+        path = run.folder / "evaluation.json"
+        if not path.is_file() or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        data = _load_json(path, warnings)
+        if data is None:
+            continue
+        for name, meta in (data.get("metrics") or {}).items():
+            metrics.add_name(name, {"higher_is_better": bool(meta.get("higher_is_better")),
+                                    "summary": str(meta.get("summary") or "")})
+        listed = len(data.get("runs") or [])
+        unmatched = 0
+        for entry in data.get("images") or []:
+            owner = _run_for(entry.get("run"), runs, run.folder, listed)
+            if owner is None or not metrics.set(owner, entry.get("key"), entry.get("target"), entry.get("method"),
+                                                entry.get("metrics") or {}):
+                unmatched += 1
+        if unmatched:
+            warnings.append(f"{path}: {unmatched} rows match no map of the report's runs")
+        summary = data.get("summary") or {}
+        table = [{"name": name, "higher_is_better": bool(meta.get("higher_is_better")), "summary": meta.get("summary"),
+                  "cells": [mean_text((summary[label] or {}).get(name)) for label in summary]}
+                 for name, meta in (data.get("metrics") or {}).items()]
+        shown.append({"path": link(path, out), "run": run.name, "labels": list(summary), "table": table,
+                      "gates": [g.get("message") for g in data.get("gates") or []]})
+    return shown
+
+
+def mean_text(stat: dict[str, Any] | None) -> str:
+    """`mean ± ci95` of a {"mean", "ci95", "n"} summary, `-` when there is no value."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    text = f"{stat['mean']:.3g}"
+    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "")
+
+
+def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
+    """The comparison.json to show: the one given, else those in the run folders."""
+    if given is not None:
+        if not given.is_file():
+            raise UsageError(f"--comparison {given}: no such file")
+        return [given]
+    found = {(run.folder / "comparison.json").resolve() for run in runs if (run.folder / "comparison.json").is_file()}
+    return sorted(found)
+
+
+def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics: Metrics,
+                     warnings: list[str]) -> list[dict[str, Any]]:
+    """Each comparison.json: its values attached to the cells of both runs when they are in the report, and a
+    section (summary per method, the most changed pairs with their strips) to show."""
+    sections = []
+    for path in files:
+        data = _load_json(path, warnings)
+        if data is None:
+            continue
+        a, b = data.get("run_a") or {}, data.get("run_b") or {}
+        pairs = data.get("pairs") or []
+        for side, this, other in (("a", a, b), ("b", b, a)):
+            run = _run_for(this.get("folder"), runs, Path("/nonexistent"), 2)
+            if run is None:
+                continue
+            names = {n: f"vs {other.get('name') or 'other'}: {n}" for n in COMPARE_METRICS}
+            for n, shown_name in names.items():
+                metrics.add_name(shown_name, {"higher_is_better": True, "summary": f"{COMPARE_HELP[n]} of this map "
+                                              f"and the map of run {other.get('folder')} (1 = unchanged)"})
+            for pair in pairs:
+                entry = pair.get(side) or {}
+                metrics.set(run, entry.get("key"), entry.get("target"), entry.get("method"),
+                            {shown_name: pair.get(n) for n, shown_name in names.items()})
+        shown = [{**p, "strip_link": link(path.parent / p["strip"], out) if p.get("strip") else None}
+                 for p in pairs[:20]]
+        table = [{"label": label, "spearman": mean_text(st.get("spearman")), "iou": mean_text(st.get("iou")),
+                  "n": (st.get("spearman") or {}).get("n", 0)} for label, st in (data.get("summary") or {}).items()]
+        sections.append({"path": link(path, out), "a": a, "b": b, "table": table,
+                         "pairs": shown, "total": len(pairs), "pool": (data.get("options") or {}).get("pool", "?"),
+                         "top_pct": f"{100 * float((data.get('options') or {}).get('top', 0.1)):g}",
+                         "only_a": len(data.get("only_a") or []), "only_b": len(data.get("only_b") or []),
+                         "gates": [g.get("message") for g in data.get("gates") or []]})
+    return sections
+
+
+# -- the header: what each run was ---------------------------------------------------------------------------
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, list | tuple):
+        return "x".join(_short(v) for v in value) if all(isinstance(v, int) for v in value) else \
+            "(" + ", ".join(_short(v) for v in value) + ")"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _method_rows(run: RunData) -> list[dict[str, Any]]:
+    """Per method label: its shared settings, the absolute noise sigma over images, counts and seconds/image."""
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in run.rows:
+        by_label[row.label].append(row.record)
+    out = []
+    for label, recs in by_label.items():
+        ok = [r for r in recs if r.get("status") in ("ok", "skipped")]
+        params = dict((ok or recs)[0].get("params") or {})
+        sigmas = sorted(float(r["params"]["sigma"]) for r in ok
+                        if isinstance((r.get("params") or {}).get("sigma"), int | float))
+        seconds = [float(r.get("seconds") or 0.0) for r in ok if r.get("status") == "ok"]
+        sigma = None
+        if sigmas:
+            sigma = _short(sigmas[0]) if sigmas[0] == sigmas[-1] else f"{_short(sigmas[0])} to {_short(sigmas[-1])}"
+        out.append({"label": label, "method": recs[0].get("method"),
+                    "settings": _short({k: v for k, v in params.items() if k not in ("sigma", "seed")}),
+                    "sigma": sigma, "ok": sum(r.get("status") == "ok" for r in recs),
+                    "skipped": sum(r.get("status") == "skipped" for r in recs),
+                    "error": sum(r.get("status") == "error" for r in recs),
+                    "seconds": sum(seconds) / len(seconds) if seconds else None})
+    return out
+
+
+def display_text(opts: dict[str, Any]) -> str:
+    """How the run's overlays were drawn, in words."""
+    cmap = opts.get("colormap") or "inferno (unsigned maps), RdBu_r (signed maps)"
+    pct = opts.get("percentile", 99.0)
+    return (f"colormap {cmap}; overlay opacity {opts.get('alpha', 0.5)}; each map's colour scale ends at its own "
+            f"{_short(pct)}th percentile")
+
+
+def run_summary(run: RunData, out: Path) -> dict[str, Any]:
+    """What the header says about a run: where, how (command, model, data config, seed, versions), counts."""
+    info = run.info
+    opts = info.get("options") or {}
+    model = info.get("model") or {}
+    model_text = {k: (Path(v).name if isinstance(v, str) and os.sep in v else v) for k, v in model.items()
+                  if k not in ("files", "sha256")}
+    sha = model.get("sha256") or {}
+    statuses = [row.record.get("status") for row in run.rows]
+    command = info.get("command") or []
+    return {
+        "name": run.name, "folder": str(run.folder), "link": link(run.folder, out) + "/",
+        "command": shlex.join(["saliency", *command[1:]]) if command else "", "cwd": info.get("cwd"),
+        "model": _short(model_text), "model_sha": {k: str(v)[:12] for k, v in sha.items()},
+        "data_config": _short(info.get("data_config") or {}), "device": info.get("device"),
+        "seed": opts.get("seed"), "score": opts.get("score"), "target": opts.get("target"),
+        "display": display_text(opts),
+        "versions": _short(info.get("versions") or {}), "started": info.get("started"),
+        "finished": info.get("finished"), "interrupted": info.get("interrupted"),
+        "images": len({row.record.get("key") for row in run.rows}),
+        "counts": {s: statuses.count(s) for s in ("ok", "skipped", "error")},
+        "methods": _method_rows(run), "bad_lines": run.bad_lines,
+    }
+
+
+def error_list(runs: list[RunData]) -> list[dict[str, Any]]:
+    """Every failed map with its reason, sorted by image and method."""
+    errors = [{"run": run.name, "key": str(row.record.get("key")), "image": str(row.record.get("image")),
+               "method": row.label, "error": str(row.record.get("error") or "no reason recorded")}
+              for run in runs for row in run.rows if row.record.get("status") == "error"]
+    return sorted(errors, key=lambda e: (e["key"], e["method"], e["run"]))
+
+
+# -- the page -------------------------------------------------------------------------------------------------
+def _script_json(value: Any) -> str:
+    """JSON safe inside a <script> element (`<`, `>`, `&`, `'` escaped as \\u00XX, as Jinja's tojson does)."""
+    text = json.dumps(finite(value), sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
+
+
+def rows_json(rows: list[dict[str, Any]]) -> str:
+    """The rows as a JSON list, one row per line (so two reports diff line by line)."""
+    return "[\n" + ",\n".join(_script_json(r) for r in rows) + "\n]"
+
+
+def render_page(context: dict[str, Any]) -> str:
+    """templates/report.html.j2 rendered with autoescape on (every path and label is escaped)."""
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("saliency_cli", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    context = {**context, "rows_json": Markup(rows_json(context.pop("rows"))),
+               "meta_json": Markup(_script_json(context["meta"]))}
+    return env.get_template("report.html.j2").render(**context)
+
+
+def _check(opts: ReportOptions) -> None:
+    if opts.page_size < 1:
+        raise UsageError("--page-size must be at least 1")
+    if not 32 <= opts.thumb_size <= 1024:
+        raise UsageError("--thumb-size must be between 32 and 1024 (pixels)")
+
+
+def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Report:
+    """Read the runs, make the thumbnails, write out/index.html; see the module docstring."""
+    _check(opts)
+    runs, warnings = open_runs([Path(r) for r in opts.runs])
+    out = Path(opts.out) if opts.out is not None else runs[0].folder
+    columns = _column_order(runs)
+    metrics = Metrics()
+    for run in runs:
+        for row in run.rows:
+            if row.record.get("target") is not None:
+                metrics.index[(str(run.folder), str(row.record.get("key")), int(row.record["target"]),
+                               _base_label(row.label, run))] = row
+    evaluations = read_evaluations(runs, out, metrics, warnings)
+    comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), out, metrics, warnings)
+    thumbs = make_thumbnails(runs, out, opts.thumb_size, on_progress)
+    rows = build_rows(runs, columns, out, thumbs, metrics)
+    errors = error_list(runs)
+    from saliency_cli import __version__
+
+    meta = {"columns": columns, "pageSize": opts.page_size, "thumb": opts.thumb_size,
+            "metrics": [{"name": n, "higherIsBetter": metrics.meta[n]["higher_is_better"],
+                         "summary": metrics.meta[n]["summary"]} for n in metrics.names]}
+    context = {"runs": [run_summary(run, out) for run in runs], "columns": columns, "metrics": metrics.names,
+               "metric_meta": metrics.meta, "evaluations": evaluations, "comparisons": comparisons,
+               "errors": errors, "rows": rows, "meta": meta, "n_rows": len(rows), "version": __version__,
+               "warnings": warnings, "page_size": opts.page_size}
+    path = out / "index.html"
+    write_bytes(path, render_page(context).encode("utf-8"))
+    return Report(path, len(rows), columns, len(thumbs), len(errors), warnings)
