@@ -165,3 +165,10 @@ def compare(run_a: Path, run_b: Path, *, out: Path | None = None, fail_under: di
     opts = CompareOptions(run_a=run_a, run_b=run_b, out=out, fail_under=dict(fail_under or {}), strips=strips,
                           pool=pool, top=top)
     return compare_runs(opts, on_progress)
+
+
+def merge(folder: Path) -> dict[str, Any]:
+    """`saliency merge`: one manifest.jsonl and run.json from the parts a sharded run wrote (idempotent)."""
+    from saliency_cli.pipeline.merge import merge_folder
+
+    return merge_folder(Path(folder))

@@ -228,13 +228,13 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, f: ImageFont.FreeTypeFont | Imag
 def montage(panels: list[tuple[str, Image.Image]], title: list[str] | str | None = None, *,
             columns: int = MONTAGE_COLUMNS, width: int = MONTAGE_WIDTH) -> Image.Image:
     """Captioned panels in a grid of at most `columns` per row, each scaled to `width` px wide, under title
-    lines (the first in bold). Captions take up to three lines; a newline in a caption starts its second line."""
+    lines (the first in bold). Captions take up to four lines; a newline in a caption starts its second line."""
     titles = [title] if isinstance(title, str) else list(title or [])
     columns = max(1, min(columns, len(panels)))
     cap_font, title_font, sub_font = font(12), font(15, bold=True), font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     gap, margin, cap_line = 8, 10, 15
-    cap_lines = 3
+    cap_lines = 4
     scaled = [(cap, img.convert("RGB").resize((width, max(1, round(img.height * width / img.width))),
                                                Image.Resampling.LANCZOS)) for cap, img in panels]
     rows = [scaled[i:i + columns] for i in range(0, len(scaled), columns)]
@@ -281,8 +281,9 @@ def settings_text(params: dict[str, Any] | None) -> str:
     items.sort(key=lambda kv: kv[0] == "reduce")  # the method's own settings first, in its order
     parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
     sigma = params.get("sigma", params.get("noise_absolute"))
-    if isinstance(sigma, int | float):
-        parts.append(f"\u03c3={sigma:.3g}")
+    if isinstance(sigma, int | float):  # next to the relative noise level it comes from
+        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "noise"), len(parts))
+        parts.insert(at, f"\u03c3={sigma:.3g}")
     return " ".join(parts)
 
 

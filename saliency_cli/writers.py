@@ -196,6 +196,16 @@ def manifest_parts(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("manifest*.jsonl") if p.is_file())
 
 
+def run_record(folder: Path) -> Path:
+    """The run record of a run folder: `run.json`, or for a sharded run not merged yet the first shard's
+    `run.shard-I-of-N.json` (every shard records the same model, data config and options)."""
+    whole = folder / "run.json"
+    if whole.is_file():
+        return whole
+    parts = sorted(folder.glob("run.shard-*.json"))
+    return parts[0] if parts else whole
+
+
 def read_manifests(folder: Path) -> ManifestContent:
     """The records of every manifest part of `folder` (see `read_manifest`)."""
     content = ManifestContent()

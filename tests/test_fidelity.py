@@ -233,3 +233,22 @@ def test_energy_clamps_negatives_and_energy_signed_keeps_them() -> None:
     batch.maps = torch.from_numpy(np.abs(m))
     assert float(METRICS["energy-signed"].fn(batch).values[0]) == pytest.approx(
         float(METRICS["energy"].fn(batch).values[0]))
+
+
+def test_the_sample_images_boxes_are_read_and_lie_inside_their_images() -> None:
+    """tests/data/boxes.json: one hand-drawn object box per sample image, [left, top, right, bottom] in original
+    pixels (the README's quality table uses it)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from saliency_cli.metrics.localisation import read_boxes
+
+    root = Path(__file__).resolve().parents[1]
+    boxes = read_boxes(root / "tests" / "data" / "boxes.json")
+    names = sorted(p.name for p in (root / "sample_images").iterdir() if p.suffix in (".png", ".jpg"))
+    assert sorted(boxes) == names
+    for name, [(left, top, right, bottom)] in boxes.items():
+        with Image.open(root / "sample_images" / name) as im:
+            w, h = im.size
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h, name

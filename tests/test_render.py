@@ -136,4 +136,4 @@ def test_montage_wraps_into_a_titled_grid_of_at_most_four_columns():
 def test_settings_text_names_the_method_settings_and_absolute_sigma():
     text = settings_text({"samples": 10, "noise": 0.15, "seed": 0, "reduce": "abs-sum", "score": "logit",
                           "sigma": 0.6931})
-    assert text == "samples=10 noise=0.15 reduce=abs-sum \u03c3=0.693"
+    assert text == "samples=10 noise=0.15 \u03c3=0.693 reduce=abs-sum"

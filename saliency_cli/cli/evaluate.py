@@ -65,6 +65,7 @@ def evaluate(
     out_dir: o.OutDir = None,  # type: ignore[assignment]  # None: the first run folder
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",
+    shard: o.ShardOption = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     list_metrics: Annotated[bool, typer.Option("--list-metrics", help="List the metrics and exit")] = False,
@@ -83,7 +84,7 @@ def evaluate(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
-        out=out_dir,
+        out=out_dir, shard=shard,
     )
     progress = Progress("evaluating", enabled=not (quiet or json_out), unit="maps")
     try:

@@ -72,6 +72,7 @@ def explain(
     overlay_size: Annotated[int, typer.Option(help="Long side of overlays at most, in pixels (huge photos are "
                                               "drawn reduced)")] = 2048,
     report: ReportFlag = False,
+    shard: o.ShardOption = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     **settings: Any,
@@ -91,7 +92,7 @@ def explain(
         reduce=None if reduce is None else reduce.value, score=score.value, colormap=colormap, alpha=alpha,
         percentile=percentile, overwrite=overwrite, cheap=cheap,
         data_overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
-        stdin_lines=stdin_lines, max_pixels=int(max_pixels), overlay_size=overlay_size,
+        stdin_lines=stdin_lines, max_pixels=int(max_pixels), overlay_size=overlay_size, shard=shard,
         fast=fast, compile=compile_model, workers=workers,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported

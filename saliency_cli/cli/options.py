@@ -54,6 +54,8 @@ Interpolation = Annotated[str | None, typer.Option(help="Resize interpolation (b
 Labels = Annotated[str | None, typer.Option(help="Class names: text file (one per line) or JSON list")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
+ShardOption = Annotated[str | None, typer.Option("--shard", help="I/N: this process's share of the inputs "
+                                                 "(default: from torchrun or Slurm, else everything)")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder")]
 # Model options: how to build the architecture a checkpoint needs (models.load_model's `options`).
 NumClasses = Annotated[int | None, typer.Option(help="Classes of the model's head, e.g. 10 for a checkpoint "

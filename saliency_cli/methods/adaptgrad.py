@@ -26,7 +26,7 @@ from saliency_cli.methods.base import (
     sample_result,
 )
 from saliency_cli.methods.base_attribution import base_cost, check_base_options, prepare_base, stream_base
-from saliency_cli.methods.convergence import sample_rounds
+from saliency_cli.methods.convergence import mean_of, sample_rounds
 from saliency_cli.methods.smoothgrad import sample_count, smoother_width
 from saliency_cli.oracle import GradientOracle
 
@@ -68,7 +68,7 @@ def adaptgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     sigma = adaptive_sigma(x, ctx.bounds.lo.to(x.device), ctx.bounds.hi.to(x.device), confidence)  # (B, C, H, W)
     sigma_mean = sigma.flatten(1).mean(1)
     if samples == "auto":
-        result = sample_rounds(oracle, x, target, generators, prepared, sigma[:, None], _mean,
+        result = sample_rounds(oracle, x, target, generators, prepared, sigma[:, None], mean_of,
                                converge=float(converge), cap=int(max_samples), clean_first=True)
         result.stats["sigma_mean"] = sigma_mean
         return result
@@ -78,8 +78,3 @@ def adaptgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     stream_base(oracle, points, target, prepared, lambda a, sl: stats.update(a))
     assert stats.mean is not None
     return sample_result(stats, stats.mean, sigma_mean=sigma_mean)
-
-
-def _mean(s: SampleStats) -> torch.Tensor:
-    assert s.mean is not None
-    return s.mean

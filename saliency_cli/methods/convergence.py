@@ -43,6 +43,12 @@ POOL = 4  # side of the average pooling before the split-half correlation
 Statistic = Callable[[SampleStats], torch.Tensor]  # accumulated samples -> the method's map (1, C, H, W)
 
 
+def mean_of(stats: SampleStats) -> torch.Tensor:
+    """The mean of the accumulated samples (the statistic of smoothgrad, adaptgrad, noisegrad, ...)."""
+    assert stats.mean is not None
+    return stats.mean
+
+
 def pooled(maps: torch.Tensor, size: int = POOL) -> torch.Tensor:
     """The signed channel sum of (R, C, H, W) maps (or (R, H, W) as they are), average-pooled `size` x `size`
     (stride `size`; at most the map's side) and flattened: (R, floor(H/size) * floor(W/size))."""

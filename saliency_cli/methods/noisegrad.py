@@ -51,7 +51,7 @@ from saliency_cli.methods.base_attribution import (
     prepare_base,
     stream_base,
 )
-from saliency_cli.methods.convergence import MODEL_ROUND, Convergence
+from saliency_cli.methods.convergence import MODEL_ROUND, Convergence, mean_of
 from saliency_cli.numerics import derive_seed, seeded_generator
 from saliency_cli.oracle import GradientOracle
 
@@ -225,12 +225,15 @@ def _models_until_converged(oracle: GradientOracle, x: torch.Tensor, target: tor
                 eps = gaussian([generators[i] for i in active], n, x[rows]) * sigma[rows].view(-1, 1, 1, 1, 1)
                 points = points + eps  # (A, N, C, H, W)
             half = torch.full((points.shape[1],), m % 2 == 1, device=x.device)
-            stream_base(oracle, points, target[rows], base,
-                        lambda a, sl, active=active, half=half: acc.update(active, a, half[sl]), rows)
+
+            def consume(a: torch.Tensor, sl: slice, active: list[int] = active, half: torch.Tensor = half) -> None:
+                acc.update(active, a, half[sl])
+
+            stream_base(oracle, points, target[rows], base, consume, rows)
             m += 1
             if m % MODEL_ROUND == 0 or m >= cap:
-                active = acc.check(active, m, lambda st: st.mean, converge, cap)
-    result = acc.result(lambda st: st.mean, x.device,
+                active = acc.check(active, m, mean_of, converge, cap)
+    result = acc.result(mean_of, x.device,
                         weight_noise=torch.full((b,), s, dtype=torch.float64, device=x.device))
     result.stats["models_used"] = result.stats.pop("samples_used")
     return result

@@ -24,7 +24,7 @@ from saliency_cli.methods.base import (
     sample_result,
 )
 from saliency_cli.methods.base_attribution import base_cost, base_width, check_base_options, prepare_base, stream_base
-from saliency_cli.methods.convergence import ROUND, Statistic, sample_rounds
+from saliency_cli.methods.convergence import ROUND, Statistic, mean_of, sample_rounds
 from saliency_cli.oracle import GradientOracle
 
 DEFAULTS = {"noise": 0.15, "samples": 50, "noise_unit": "relative", "base": "gradient", "converge": 0.95,
@@ -70,11 +70,6 @@ def noisy_estimate(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor
     return sample_result(stats, statistic(stats), **noise_stats(x, sigma))
 
 
-def _mean(s: SampleStats) -> torch.Tensor:
-    assert s.mean is not None
-    return s.mean
-
-
 def _mean_square(s: SampleStats) -> torch.Tensor:
     return s.mean_square
 
@@ -90,7 +85,7 @@ def smoothgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
                noise_unit: str = "relative", base: str = "gradient", converge: float = 0.95, max_samples: int = 400,
                **base_options: Any) -> Attribution:
     """mean_n A(x + e_n), A the base attribution (default the gradient g). (B, C, H, W)"""
-    return noisy_estimate(oracle, x, target, generators, ctx, _mean, noise=noise, samples=samples,
+    return noisy_estimate(oracle, x, target, generators, ctx, mean_of, noise=noise, samples=samples,
                           noise_unit=noise_unit, base=base, converge=converge, max_samples=max_samples,
                           base_options=base_options)
 

@@ -30,7 +30,7 @@ from saliency_cli.methods.base import (
     stream_gradients,
 )
 from saliency_cli.methods.base_attribution import Base
-from saliency_cli.methods.convergence import ROUND, sample_rounds
+from saliency_cli.methods.convergence import ROUND, mean_of, sample_rounds
 from saliency_cli.methods.settings import OBJECTIVES
 from saliency_cli.oracle import GradientOracle
 
@@ -87,7 +87,7 @@ def smoothtaylor(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, 
         if noise == "auto":
             raise ValueError("smoothtaylor: -n auto needs a fixed --noise (not the adaptive noising)")
         sigma = noise_sigma(x, float(noise), noise_unit)
-        result = sample_rounds(oracle, x, target, generators, Base(), sigma.view(-1, 1, 1, 1, 1), _mean,
+        result = sample_rounds(oracle, x, target, generators, Base(), sigma.view(-1, 1, 1, 1, 1), mean_of,
                                converge=float(converge), cap=int(max_samples), transform=lambda g, e: -e * g)
         result.stats.update(noise_stats(x, sigma))
         return result
@@ -102,11 +102,6 @@ def smoothtaylor(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, 
 
 def _samples(hyper: dict[str, Any]) -> int:
     return int(hyper["max_samples"] if hyper["samples"] == "auto" else hyper["samples"])
-
-
-def _mean(s: SampleStats) -> torch.Tensor:
-    assert s.mean is not None
-    return s.mean
 
 
 ADAPTIVE_MAX_STEPS = 20

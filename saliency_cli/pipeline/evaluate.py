@@ -41,8 +41,9 @@ from saliency_cli.pipeline.runs import (
     read_run,
     reload_model,
 )
+from saliency_cli.pipeline.shards import resolve_shard
 from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import manifest_parts
+from saliency_cli.writers import manifest_parts, run_record
 
 __all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer",
            "resolve"]
@@ -76,6 +77,7 @@ class EvaluateOptions:
     group_size: int = 8  # images held in memory at once
     write: bool = True
     plots: bool = True
+    shard: str | None = None  # `I/N`: score only the images of that shard (None: from the launcher, else all)
 
 
 # -- options ----------------------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ def _check_inputs(opts: EvaluateOptions) -> None:
     if not opts.runs:
         raise UsageError("give at least one run folder")
     for run in opts.runs:
-        if not manifest_parts(Path(run)) or not (Path(run) / "run.json").is_file():
+        if not manifest_parts(Path(run)) or not run_record(Path(run)).is_file():
             raise UsageError(f"{run} is not an explain run folder (no run.json and manifest.jsonl)")
     if opts.baseline not in BASELINES:
         raise UsageError(f"--baseline {opts.baseline!r}: expected one of {', '.join(BASELINES)}")
@@ -276,7 +278,10 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     selection = resolve(opts)
     boxes = read_boxes(opts.boxes) if opts.boxes is not None else None
     masks = index_masks(opts.masks) if opts.masks is not None else None
+    shard = resolve_shard(opts.shard)
     runs = [read_run(Path(r)) for r in opts.runs]
+    for run in runs:
+        run.rows = [row for row in run.rows if shard.owns(str(row.record.get("key", "")))]
     assign_labels(runs)
     if not any(run.rows for run in runs):
         raise UsageError("the runs hold no finished maps to evaluate")
@@ -516,5 +521,5 @@ def _finish(s: _Session, runs: list[RunData]) -> Evaluation:
     ev = Evaluation(images, summary, curves, _sanity_summaries(s), sel.metrics, timing, failures, s.warnings,
                     info, out, errors=s.errors, scored=len(images))
     if opts.write:
-        ev.files = write_reports(ev, out, plots=opts.plots)
+        ev.files = write_reports(ev, out, plots=opts.plots, suffix=resolve_shard(opts.shard).suffix)
     return ev

@@ -115,17 +115,18 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def write_reports(ev: Evaluation, out: Path, *, plots: bool = True) -> dict[str, str]:
-    """Write the JSON, the CSV and (with `plots`) the PNGs under `out`; returns {what: path}."""
+def write_reports(ev: Evaluation, out: Path, *, plots: bool = True, suffix: str = "") -> dict[str, str]:
+    """Write the JSON, the CSV and (with `plots`) the PNGs under `out`; returns {what: path}. suffix: a shard's
+    `.shard-I-of-N`, so that shards scoring one folder never write one file."""
     files: dict[str, str] = {}
-    path = out / "evaluation.json"
+    path = out / f"evaluation{suffix}.json"
     write_bytes(path, json.dumps(finite(ev.to_json()), indent=2, default=str, allow_nan=False).encode())
     files["json"] = str(path)
-    path = out / "evaluation.csv"
+    path = out / f"evaluation{suffix}.csv"
     write_bytes(path, csv_text(ev).encode())
     files["csv"] = str(path)
     if plots:
-        for name, p in write_plots(ev, out / PLOT_DIR).items():
+        for name, p in write_plots(ev, out / f"{PLOT_DIR}{suffix}").items():
             files[name] = p
     return files
 

@@ -39,6 +39,7 @@ from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, 
 from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.resume import FinishedIndex
+from saliency_cli.pipeline.shards import resolve_shard
 from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, load_run_model, resolve_run_level, run_device
 from saliency_cli.reduce import reduce_channels
 from saliency_cli.writers import RunLock, finite, remove_stray_temporaries, write_json
@@ -87,7 +88,7 @@ class ExplainRun:
 
     def _set_up(self, items: list[InputItem]) -> None:
         opts = self.opts
-        self.device = run_device(opts)
+        self.device = run_device(opts, self.shard.local_rank)
         if opts.precision == "fp16" and self.device.type == "cpu":
             raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
         self._prepare_out()
@@ -135,7 +136,8 @@ class ExplainRun:
     def _resolve_run_level(self, items: list[InputItem]) -> dict[str, Any]:
         """Run-level values (`--weight-noise auto`) resolved once, by the methods' registered resolvers, on the
         first readable images of the run; every job then uses the same number."""
-        return resolve_run_level(self.jobs, self.oracle, lambda: self._calibration_images(items), self.ctx)
+        # the first images of the whole sorted input list, not of this shard: every shard resolves the same value
+        return resolve_run_level(self.jobs, self.oracle, lambda: self._calibration_images(self.everything), self.ctx)
 
     def _calibration_images(self, items: list[InputItem]) -> torch.Tensor:
         xs = []
@@ -160,6 +162,8 @@ class ExplainRun:
             "fast": self.fast_info, "compile": self.opts.compile, "group_size": self._group_size(),
             "decode_workers": self._workers(),
         }
+        if self.shard.count > 1:
+            info.update(shard=self.shard.describe(), inputs_total=len(self.everything))
         if "weight_noise" in self.resolved:
             info["weight_noise_auto"] = self.resolved["weight_noise"]
         return info
@@ -169,14 +173,17 @@ class ExplainRun:
         opts = self.opts
         started = datetime.now(timezone.utc)
         excluded: list[Path] = []
-        items = discover(opts.inputs, opts.stdin_lines, exclude=opts.out, excluded=excluded)
+        everything = discover(opts.inputs, opts.stdin_lines, exclude=opts.out, excluded=excluded)
         if excluded:
             self._warn(f"{len(excluded)} file(s) under the output folder {opts.out} are outputs, not inputs: left out")
-        if not items:
+        if not everything:
             raise UsageError("no images found in the inputs given")
+        self.shard = resolve_shard(opts.shard)
+        self.everything = sorted(everything, key=lambda item: item.key)  # run-level choices see the same list
+        items = [item for item in everything if self.shard.owns(item.key)]
         with contextlib.ExitStack() as stack:
             self._prepare_out()
-            stack.enter_context(RunLock(opts.out / ".saliency.lock"))
+            stack.enter_context(RunLock(opts.out / f".saliency.lock{self.shard.suffix}"))
             remove_stray_temporaries(opts.out)
             self._set_up(items)
             return self._run_locked(items, started)
@@ -184,12 +191,13 @@ class ExplainRun:
     def _run_locked(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
         opts = self.opts
         info = self._run_info(items, started)
-        write_json(opts.out / "run.json", info)
+        write_json(opts.out / self.shard.run_name(), info)
         if self.on_start is not None:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
         self.outputs = Outputs(opts.out, seed=opts.seed, score=opts.score, label=self.model.label, display=display,
-                               on_record=self.on_record, echo=self.echo, overlay_size=opts.overlay_size)
+                               on_record=self.on_record, echo=self.echo, overlay_size=opts.overlay_size,
+                               manifest_name=self.shard.manifest_name())
         interrupted = True
         try:
             self._loop(items)
@@ -200,7 +208,7 @@ class ExplainRun:
                         interrupted=interrupted, batch_size_final=self.oracle.batch_size)
             if self.outputs.echo_broken:
                 info["stopped"] = "stdout closed by its reader"
-            write_json(opts.out / "run.json", info)
+            write_json(opts.out / self.shard.run_name(), info)
         if self.outputs.echo_broken:
             raise StdoutClosed(f"stdout was closed by its reader; stopped after {sum(info['counts'].values())} "
                                f"records (all in {opts.out}/manifest.jsonl)")
@@ -230,6 +238,9 @@ class ExplainRun:
 
     def _loop(self, items: list[InputItem]) -> None:
         group_size = self._group_size()
+        kind, k = parse_target(self.opts.target)
+        self._images_per_group = group_size
+        self._rows_per_group = group_size * (min(int(k), num_classes(self.model)) if kind == "topk" else 1)
         cfg = self.model.data_config
         workers = self._workers()
         decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
@@ -273,8 +284,9 @@ class ExplainRun:
         return [(i, cls) for i in range(len(group))]
 
     def _explain_group(self, group: list[Decoded]) -> None:
-        x = to_device(torch.stack([d.x for d in group]), self.device)  # type: ignore[misc]  # pinned, async on CUDA
-        probs = self.oracle.logits(x).softmax(1)
+        filler = [group[-1].x] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
+        x = to_device(torch.stack([d.x for d in group] + filler), self.device)  # type: ignore[misc]  # pinned
+        probs = self.oracle.logits(x).softmax(1)[:len(group)]
         attach_default_labels(self.model, probs.shape[1])
         rows = self._targets(group, probs)
         idx = torch.tensor([i for i, _ in rows], device=self.device)
@@ -314,7 +326,11 @@ class ExplainRun:
                  xr: torch.Tensor, target: torch.Tensor, probs: torch.Tensor, topk: bool,
                  panels: dict[int, list[tuple[str, Panel]]]) -> None:
         gens = [seeded_generator(image_seed(self.opts.seed, group[rows[r][0]].digest), self.device) for r in todo]
-        sel = torch.tensor(todo, device=self.device)
+        # Fixed shapes: every call of a job sees as many rows as a full group has (copies of the last row fill a
+        # short one; their results are dropped), so an image's map is the same bytes whatever shares its group.
+        filler = max(0, self._rows_per_group - len(todo))
+        gens += [seeded_generator(0, self.device) for _ in range(filler)]
+        sel = torch.tensor(todo + [todo[-1]] * filler, device=self.device)
         t0 = time.perf_counter()
         try:
             result = job.method.fn(self.oracle, xr[sel], target[sel], generators=gens, ctx=self.ctx, **job.hyper)

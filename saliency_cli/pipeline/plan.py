@@ -56,6 +56,7 @@ class ExplainOptions:
     data_overrides: dict[str, Any] = field(default_factory=dict)
     labels_file: str | None = None
     stdin_lines: list[str] | None = None
+    shard: str | None = None  # `I/N`; None: from the launcher's environment (torchrun, Slurm), else the whole run
     max_pixels: int = 150_000_000  # decoded pixels of one image at most (data.MAX_PIXELS)
     overlay_size: int = 2048  # overlays are drawn on a copy at most this long on its long side
     # Speed only: maps equal within float32 rounding, so not part of a job's identity (run.json records them).

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +29,7 @@ from PIL import Image
 
 from saliency_cli.errors import UsageError
 from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, assign_labels
-from saliency_cli.writers import finite, manifest_parts, read_manifests, write_bytes
+from saliency_cli.writers import finite, manifest_parts, read_manifests, run_record, write_bytes
 
 THUMBS = "thumbs"
 COMPARE_METRICS = ("spearman", "iou")  # comparison.json values shown as metrics of the cells they belong to
@@ -82,7 +83,7 @@ def latest_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _read_info(folder: Path) -> dict[str, Any]:
     try:
-        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        info = json.loads(run_record(folder).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{folder}/run.json: cannot read it ({e}); is it a `saliency explain` output "
                          "folder?") from None
@@ -112,10 +113,18 @@ def open_runs(folders: list[Path]) -> tuple[list[RunData], list[str]]:
     return runs, warnings
 
 
-def link(target: Path, base: Path) -> str:
-    """`target` as a URL relative to the folder `base` (both may be relative to the working folder)."""
-    rel = os.path.relpath(os.path.abspath(target), os.path.abspath(base))
-    return quote(Path(rel).as_posix())
+@lru_cache(maxsize=256)
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def link(target: Path | str, base: Path | str) -> str:
+    """`target` as a URL relative to the folder `base` (both may be relative to the working folder). Called once
+    per file of a page (30,000 times for 10,000 images and 3 methods), hence the string arithmetic."""
+    t, b = os.fspath(target), _absolute(os.fspath(base))
+    t = os.path.normpath(t if os.path.isabs(t) else os.path.join(_absolute("."), t))
+    rel = t[len(b) + 1:] if t.startswith(b + os.sep) else os.path.relpath(t, b)
+    return quote(rel.replace(os.sep, "/"))
 
 
 # -- columns and rows ---------------------------------------------------------------------------------------
@@ -142,10 +151,11 @@ def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | N
     rec = row.record
     outputs = rec.get("outputs") or {}
     cell: dict[str, Any] = {"s": rec.get("status"), "e": rec.get("error")}
+    folder = os.fspath(row.run.folder)
     if outputs.get("overlay"):
-        cell["o"] = link(row.run.folder / outputs["overlay"], out)
+        cell["o"] = link(os.path.join(folder, outputs["overlay"]), out)
     if outputs.get("npy"):
-        cell["n"] = link(row.run.folder / outputs["npy"], out)
+        cell["n"] = link(os.path.join(folder, outputs["npy"]), out)
     if thumb:
         cell["t"] = thumb
     if isinstance(rec.get("score"), int | float):
@@ -166,11 +176,12 @@ def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[
         for r in run.rows:
             rec = r.record
             ident = _row_id(rec)
-            row = rows.setdefault(ident, {"k": ident[0], "c": {}, "s": "ok", "g": ident[2]})
-            image = Path(r.image)
-            row.setdefault("i", str(rec.get("image")))
-            if "h" not in row and image.is_file():
-                row["h"] = link(image, out)
+            row = rows.get(ident)
+            if row is None:
+                row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": str(rec.get("image"))}
+                image = r.image
+                if os.path.isfile(image):
+                    row["h"] = link(image, out)
             if row.get("l") is None and rec.get("label") is not None:
                 row["l"] = rec.get("label")
             if row.get("p") is None and isinstance(rec.get("score"), int | float):
@@ -208,15 +219,16 @@ def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Prog
             overlay = (row.record.get("outputs") or {}).get("overlay")
             if overlay and row.record.get("status") in ("ok", "skipped"):
                 jobs.append((row, run.folder / overlay, out / THUMBS / f"r{i}" / Path(overlay).with_suffix(".jpg")))
-    links: dict[int, str] = {}
+    unique = sorted({(src, dst) for _, src, dst in jobs})
+    made: dict[Path, str] = {}
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumbs") as pool:
-        futures = [pool.submit(_thumb, src, dst, size) for _, src, dst in jobs]
-        for n, ((row, _, dst), fut) in enumerate(zip(jobs, futures, strict=True)):
+        futures = [pool.submit(_thumb, src, dst, size) for src, dst in unique]
+        for n, ((_, dst), fut) in enumerate(zip(unique, futures, strict=True)):
             if fut.result():
-                links[id(row)] = link(dst, out)
+                made[dst] = link(dst, out)
             if on_progress is not None:
-                on_progress(n + 1, len(jobs))
-    return links
+                on_progress(n + 1, len(unique))
+    return {id(row): made[dst] for row, _, dst in jobs if dst in made}
 
 
 # -- metrics (evaluation.json) and comparisons (comparison.json) ---------------------------------------------
@@ -231,10 +243,20 @@ def _load_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
 
 def _base_label(label: str, run: RunData) -> str:
     """A method label without the run prefix `assign_labels` (or a multi-run evaluate) put in front of it."""
-    for prefix in (f"{run.name}/", f"{run.folder}/", f"{run.folder.resolve()}/"):
+    for prefix in _prefixes(run.name, str(run.folder)):
         if label.startswith(prefix):
             return label[len(prefix):]
     return label
+
+
+@lru_cache(maxsize=256)
+def _resolved(folder: str) -> Path:
+    return Path(folder).resolve()
+
+
+@lru_cache(maxsize=64)
+def _prefixes(name: str, folder: str) -> tuple[str, ...]:
+    return f"{name}/", f"{folder}/", f"{Path(folder).resolve()}/"
 
 
 def _run_for(recorded: str | None, runs: list[RunData], home: Path, listed: int) -> RunData | None:
@@ -242,7 +264,7 @@ def _run_for(recorded: str | None, runs: list[RunData], home: Path, listed: int)
     run; else the run of the same folder name."""
     if recorded:
         for run in runs:
-            if Path(recorded).resolve() == run.folder.resolve():
+            if _resolved(recorded) == _resolved(str(run.folder)):
                 return run
     if listed <= 1:
         return next((run for run in runs if run.folder.resolve() == home.resolve()), None)
@@ -378,6 +400,30 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+PER_IMAGE = {"seed", "sigma", "noise_absolute"}  # shown as the sigma column (or the run's seed), not settings
+
+
+def shared_settings(records: list[dict[str, Any]]) -> str:
+    """The hyper-parameters of a method's records, `k=v, ...`; a value that differs between images (an adaptive
+    noise level) as `k=lo to hi`."""
+    values: dict[str, list[Any]] = defaultdict(list)
+    for rec in records:
+        params = rec.get("params") or {}
+        for k, v in params.items():
+            if k not in PER_IMAGE and not (k == "noise_relative" and "noise" in params):  # the same number twice
+                values[k].append(v)
+    parts = []
+    for k, vs in values.items():
+        distinct = sorted({json.dumps(v, sort_keys=True, default=str) for v in vs})
+        if len(distinct) == 1:
+            parts.append(f"{k}={_short(vs[0])}")
+        elif all(isinstance(v, int | float) for v in vs):
+            parts.append(f"{k}={_short(min(vs))} to {_short(max(vs))}")
+        else:
+            parts.append(f"{k} varies")
+    return ", ".join(parts)
+
+
 def _method_rows(run: RunData) -> list[dict[str, Any]]:
     """Per method label: its shared settings, the absolute noise sigma over images, counts and seconds/image."""
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -386,7 +432,7 @@ def _method_rows(run: RunData) -> list[dict[str, Any]]:
     out = []
     for label, recs in by_label.items():
         ok = [r for r in recs if r.get("status") in ("ok", "skipped")]
-        params = dict((ok or recs)[0].get("params") or {})
+        settings = shared_settings(ok or recs)
         sigmas = sorted(float(r["params"]["sigma"]) for r in ok
                         if isinstance((r.get("params") or {}).get("sigma"), int | float))
         seconds = [float(r.get("seconds") or 0.0) for r in ok if r.get("status") == "ok"]
@@ -394,7 +440,7 @@ def _method_rows(run: RunData) -> list[dict[str, Any]]:
         if sigmas:
             sigma = _short(sigmas[0]) if sigmas[0] == sigmas[-1] else f"{_short(sigmas[0])} to {_short(sigmas[-1])}"
         out.append({"label": label, "method": recs[0].get("method"),
-                    "settings": _short({k: v for k, v in params.items() if k not in ("sigma", "seed")}),
+                    "settings": settings,
                     "sigma": sigma, "ok": sum(r.get("status") == "ok" for r in recs),
                     "skipped": sum(r.get("status") == "skipped" for r in recs),
                     "error": sum(r.get("status") == "error" for r in recs),

@@ -15,7 +15,7 @@ import torch
 from saliency_cli.data import decode, file_digest, image_seed, preprocess
 from saliency_cli.errors import ModelError, SaliencyError, UsageError
 from saliency_cli.models import LoadedModel, load_model_from_source
-from saliency_cli.writers import read_manifests
+from saliency_cli.writers import read_manifests, run_record
 
 PARAM_NOISE = {"seed", "sigma", "noise_absolute", "noise_relative"}  # per-run or per-image values that do not
 # tell methods apart
@@ -69,7 +69,7 @@ def read_run(folder: Path) -> RunData:
     """run.json and the usable manifest records (status ok or skipped, with a .npy; the last record of an
     (image, method, settings, target) wins, as a re-run appends)."""
     try:
-        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        info = json.loads(run_record(folder).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{folder}/run.json: cannot read it ({e})") from None
     if not isinstance(info, dict) or "model" not in info or "data_config" not in info:

@@ -81,11 +81,14 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def run_device(opts: ExplainOptions) -> torch.device:
+def run_device(opts: ExplainOptions, local_rank: int | None = None) -> torch.device:
     """The device of a run: `opts.device` resolved, or for an in-memory model the device it is on (it is never
-    moved; `auto` takes its device, anything else must name it)."""
+    moved; `auto` takes its device, anything else must name it). Under a launcher (torchrun, Slurm) `auto`
+    means the GPU of the process's local rank, `cuda:LOCAL_RANK`, when there are GPUs."""
     model = _given(opts.model)
     if isinstance(model, str):
+        if opts.device == "auto" and local_rank is not None and torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
         return resolve_device(opts.device)
     module = model.module if isinstance(model, LoadedModel) else model
     own = _module_device(module) if isinstance(module, torch.nn.Module) else None
