@@ -151,7 +151,7 @@ def _unit(width: int) -> float:
 def colorbar(width: int, scale: Scale) -> Image.Image:
     """A strip `width` px wide: the colormap from end to end, tick labels, and a caption line (see Scale)."""
     u = _unit(width)
-    pad, bar_h, tick = round(5 * u), round(11 * u), round(3 * u)
+    pad, bar_h, tick = round(4 * u), round(11 * u), round(3 * u)
     f = font(max(9, round(11 * u)))
     line = round(f.size * 1.3) if isinstance(f, ImageFont.FreeTypeFont) else 13
     height = pad + bar_h + tick + 2 * line + pad // 2

@@ -96,6 +96,14 @@ def explain(
         fast=fast, compile=compile_model, workers=workers,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
+    counts = _run(opts, quiet, json_out)
+    _write_report(out, quiet, enabled=report)
+    if counts.get("error", 0):
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _run(opts: Any, quiet: bool, json_out: bool) -> dict[str, int]:
+    """Run the explain job with a progress bar and one line per failed input; print and return the counts."""
     from saliency_cli.api import explain as run_explain
 
     progress = Progress("explaining", not (quiet or json_out))
@@ -112,13 +120,11 @@ def explain(
                            echo=sys.stdout if json_out else None, on_warning=warn)
     finally:
         progress.stop()
-    counts = info["counts"]
+    counts: dict[str, int] = info["counts"]
     if not json_out or not quiet:
         err.print(f"{counts.get('ok', 0)} explained, {counts.get('skipped', 0)} skipped, "
-                  f"{counts.get('error', 0)} failed -> {out}", markup=False)
-    _write_report(out, quiet, enabled=report)
-    if counts.get("error", 0):
-        raise typer.Exit(ExitCode.PARTIAL)
+                  f"{counts.get('error', 0)} failed -> {opts.out}", markup=False)
+    return counts
 
 
 def _write_report(out: Path, quiet: bool, enabled: bool) -> None:

@@ -199,11 +199,11 @@ def _thumb(src: Path, dst: Path, size: int) -> bool:
     try:
         if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
             return True
-        with Image.open(src) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size * 4), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85, optimize=True)
+        with Image.open(src) as opened:
+            im = opened.convert("RGB")
+        im.thumbnail((size, size * 4), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85, optimize=True)
         write_bytes(dst, buf.getvalue())
         return True
     except OSError:
