@@ -160,13 +160,15 @@ def table(args: argparse.Namespace, root: Path) -> None:
     one = x[:1]
     chunk = best({c: floor_row(model, one, seeds[:1], c) for c in (8, 16, 25, 50)})
     batch = best({b: captum_row(model, one, b) for b in (8, 16, 25, None)})
-    f6, f8, f3 = image_folder(k, root), image_folder(8, root), image_folder(3, root)
+    f6, f8, f16, f3 = image_folder(k, root), image_folder(8, root), image_folder(16, root), image_folder(3, root)
     rows = {
         "sg50 explain": explain_row(loaded, f6, root / "o1", "smoothgrad", samples=50, noise=0.15),
         f"floor chunk {chunk}": floor_row(model, x, seeds, chunk),
         f"captum batch {batch}": captum_row(model, x, batch),
         "noisegrad M=16 x8": explain_row(loaded, f8, root / "o2", "noisegrad", models=16, weight_noise=0.01),
         "sg16 x8": explain_row(loaded, f8, root / "o3", "smoothgrad", samples=16),
+        "noisegrad M=16 x16": explain_row(loaded, f16, root / "o8", "noisegrad", models=16, weight_noise=0.01),
+        "sg16 x16": explain_row(loaded, f16, root / "o9", "smoothgrad", samples=16),
         "fusiongrad 10x10 x3": explain_row(loaded, f3, root / "o4", "fusiongrad", models=10, samples=10,
                                            weight_noise=0.01),
         "sg100 x3": explain_row(loaded, f3, root / "o5", "smoothgrad", samples=100),
@@ -174,7 +176,8 @@ def table(args: argparse.Namespace, root: Path) -> None:
         "sg50 x3": explain_row(loaded, f3, root / "o7", "smoothgrad", samples=50),
     }
     med = interleaved(rows, args.rounds)
-    per = {name: t / (8 if "x8" in name else 3 if "x3" in name else k) for name, t in med.items()}
+    count = {"x8": 8, "x16": 16, "x3": 3}
+    per = {name: t / next((v for c, v in count.items() if name.endswith(c)), k) for name, t in med.items()}
     sg = per["sg50 explain"]
     print(f"\nCPU ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}), bundled model, "
           f"{args.rounds} interleaved rounds, medians, seconds per image\n")
@@ -187,6 +190,8 @@ def table(args: argparse.Namespace, root: Path) -> None:
           f"{per[f'captum batch {batch}']:.3f} | {per[f'captum batch {batch}'] / sg:.2f}x faster | >= 2x |")
     print(f"| noisegrad M=16 / smoothgrad N=16, 8 images | {per['noisegrad M=16 x8']:.3f} / {per['sg16 x8']:.3f} | "
           f"{per['noisegrad M=16 x8'] / per['sg16 x8']:.2f}x | <= 1.2x |")
+    print(f"| the same, 16 images (full groups: no filler rows) | {per['noisegrad M=16 x16']:.3f} / "
+          f"{per['sg16 x16']:.3f} | {per['noisegrad M=16 x16'] / per['sg16 x16']:.2f}x | <= 1.2x |")
     print(f"| fusiongrad 10x10 / smoothgrad N=100 | {per['fusiongrad 10x10 x3']:.3f} / {per['sg100 x3']:.3f} | "
           f"{per['fusiongrad 10x10 x3'] / per['sg100 x3']:.2f}x | <= 1.2x |")
     print(f"| integrated-gradients 50 steps / smoothgrad N=50 | {per['ig50 x3']:.3f} / {per['sg50 x3']:.3f} | "

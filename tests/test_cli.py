@@ -99,7 +99,8 @@ def test_sample_run_writes_a_map_and_an_overlay_per_image(sample_run):
             assert 0 <= left < right <= original.width and 0 <= top < bottom <= original.height
         with Image.open(out / f"{src.name}.gradient.png") as png:
             assert png.mode == "RGB"
-            assert abs(png.width - (right - left)) <= 1 and abs(png.height - (bottom - top)) <= 1
+            # the crop at its own resolution, with the colour bar strip below it
+            assert abs(png.width - (right - left)) <= 1 and bottom - top < png.height < 1.8 * (bottom - top)
 
 
 def test_sample_run_manifest_has_every_documented_key(sample_run):
@@ -174,9 +175,8 @@ def test_noise_sweep_writes_one_map_per_level_and_a_strip(tmp_path):
     low, high = (np.load(out / f"chelsea.png.smoothgrad.noise{level}.npy") for level in ("0.1", "0.2"))
     assert low.shape == high.shape == (224, 224) and not np.allclose(low, high)
     assert (out / "chelsea.png.smoothgrad.noise0.1.png").is_file()
-    with Image.open(out / "chelsea.png.smoothgrad.sweep.png") as sweep, \
-            Image.open(out / "chelsea.png.smoothgrad.noise0.1.png") as one:
-        assert sweep.width > 3 * sweep.height * one.width / one.height * 0.8  # original + two levels side by side
+    with Image.open(out / "chelsea.png.smoothgrad.sweep.png") as sweep:
+        assert sweep.width > 3 * 256 and sweep.height < 2 * 256  # original + two levels in one row of 256 px panels
 
 
 def test_several_methods_write_a_montage(tmp_path):
@@ -188,7 +188,7 @@ def test_several_methods_write_a_montage(tmp_path):
     for name in ("coffee.png.gradient.npy", "coffee.png.smoothgrad.npy", "coffee.png.montage.png"):
         assert (out / name).is_file(), name
     with Image.open(out / "coffee.png.montage.png") as montage:
-        assert montage.width > 2.5 * montage.height
+        assert montage.width > 3 * 256 and montage.height < 2 * 256  # the input crop + two methods in one row
 
 
 def test_topk_writes_k_maps_per_image(tmp_path):
