@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fast copy")
     p.add_argument("--no-accuracy", action="store_true", help="skip the fp64 comparison")
+    p.add_argument("--chunk-sweep", action="store_true", help="also the fast copy's cost per input by chunk size")
     return p.parse_args(argv)
 
 
@@ -112,6 +113,35 @@ def accuracy(model: torch.nn.Module, oracles: dict[str, GradientOracle], x: torc
     return out
 
 
+def map_accuracy(loaded: Any, fast: GradientOracle) -> list[tuple[str, str, float, float]]:
+    """Maps of the six sample images (smoothgrad N=16, integrated-gradients 16 steps): plain fp32 and the fast
+    copy against an fp64 copy of the model (same noise), and the fast copy against plain. (method, pair,
+    max-relative, relative L2), worst image."""
+    from saliency_cli.data import image_seed, input_bounds
+    from saliency_cli.methods import METHODS, MethodContext
+
+    model = loaded.module.eval()
+    x, digests = load_images(6, loaded.data_config)
+    ctx = MethodContext(input_bounds(loaded.data_config), seed=0)
+    m64 = copy.deepcopy(model).double().eval()
+    oracles = {"plain": GradientOracle(model, batch_size=16), "fast": fast, "fp64": GradientOracle(m64, batch_size=16)}
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    rows = []
+    for method, hyper in (("smoothgrad", {"samples": 16, "noise": 0.15}), ("integrated-gradients", {"steps": 16})):
+        fn, full = METHODS[method].fn, {**METHODS[method].defaults, **hyper}
+        maps = {}
+        for name, oracle in oracles.items():
+            gens = [torch.Generator().manual_seed(image_seed(0, d)) for d in digests]
+            xs = x.double() if name == "fp64" else x
+            maps[name] = fn(oracle, xs, target, generators=gens, ctx=ctx, **full).maps.double().flatten(1)
+        for a, b in (("plain", "fp64"), ("fast", "fp64"), ("fast", "plain")):
+            err = maps[a] - maps[b]
+            rows.append((method, f"{a} vs {b}", float((err.abs().amax(1) / maps[b].abs().amax(1)).max()),
+                         float((err.norm(dim=1) / maps[b].norm(dim=1)).max())))
+    return rows
+
+
 def compile_figures(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, rounds: int) -> dict[str, float]:
     """Seconds of the first (compiling) call and median seconds of later calls, compiled fast copy vs eager."""
     fast, _ = fast_copy(model, channels_last=True, example=x[:2])
@@ -170,10 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, (mx, l2) in acc.items():
             print(f"| {name} | {mx:.1e} | {l2:.1e} |")
         ref = oracles["plain (NCHW, unfolded)"].gradients(x, target)[0].abs().sum(1)
+        print("\n| maps of the sample images | pair | max-relative | relative L2 |")
+        print("| --- | --- | ---: | ---: |")
+        for method, pair, mx, l2 in map_accuracy(loaded, fast):
+            print(f"| {method} | {pair} | {mx:.1e} | {l2:.1e} |")
         for name in ("plain, bf16 autocast", "folded + channels_last, bf16 autocast"):
             rho = spearman(oracles[name].gradients(x, target)[0].abs().sum(1), ref)
             print(f"\nsingle-gradient Spearman, {name} vs fp32: min {float(rho.min()):.3f}, "
                   f"median {float(rho.median()):.3f}")
+    if args.chunk_sweep:
+        xs = noisy_inputs(50, loaded.data_config)
+        with torch.no_grad():
+            ts = model(xs).argmax(1)
+        sweep = {c: GradientOracle(model, batch_size=c, fast=fast.fast) for c in (8, 10, 13, 17, 25, 50)}
+        med = interleaved({c: (lambda o=o: o.gradients(xs, ts)) for c, o in sweep.items()}, args.rounds)
+        print("\nfast copy, 50 inputs in chunks of at most c: " + ", ".join(f"{c}: {1e3 * t / 50:.1f} ms / input"
+                                                                       for c, t in med.items()))
     if args.compile:
         c = compile_figures(model, x, target, args.rounds)
         print(f"\ntorch.compile of the fast copy: first gradient call {c['compile_gradients_s']:.1f} s, first "

@@ -10,9 +10,9 @@ decoding, the fast copy, writing .npy/.png/manifest all count):
   nt_samples_batch_size; noisegrad M=16 against smoothgrad N=16 on 8 images; fusiongrad 10x10 against
   smoothgrad N=100; integrated-gradients 50 steps against smoothgrad N=50.
 --memory: peak resident memory of `saliency explain` smoothgrad N=50 on 8 images in a fresh process, this tree
-  against the committed one (`git archive HEAD`, read only).
+  against the --baseline commit (`git archive REV`, read only; 59d976e is the tree before the throughput work).
 --maps: noisegrad's maps with the new grouping (16 images per group, fast copy on and off) against the
-  committed code's (one image per group), largest max |a - b| / max |b| over the sample images.
+  baseline's (one image per group), largest max |a - b| / max |b| over the sample images.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="also peak resident memory (fresh processes)")
     p.add_argument("--maps", action="store_true", help="also old vs new grouping map differences")
     p.add_argument("--no-table", action="store_true", help="skip the timing table")
+    p.add_argument("--baseline", default="HEAD", help="the commit --memory and --maps compare with")
     return p.parse_args(argv)
 
 
@@ -198,11 +199,13 @@ def table(args: argparse.Namespace, root: Path) -> None:
           f"{per['ig50 x3'] / per['sg50 x3']:.2f}x | <= 1.1x |")
 
 
-def committed_tree(root: Path) -> Path:
-    """The committed code (`git archive HEAD`, nothing in the repository changes) in root/head."""
+def committed_tree(root: Path, rev: str) -> Path:
+    """The code of commit `rev` (`git archive`, nothing in the repository changes) in root/head."""
     head = root / "head"
+    if head.exists():
+        return head
     head.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(head)], input=archive, check=True)
     return head
 
@@ -221,23 +224,23 @@ def cli(tree: Path | None, args: list[str]) -> dict[str, Any]:
     return json.loads(last[-1])
 
 
-def memory(root: Path) -> None:
-    head = committed_tree(root) if not (root / "head").exists() else root / "head"
+def memory(root: Path, rev: str) -> None:
+    head = committed_tree(root, rev)
     folder = image_folder(8, root)
     common = ["explain", str(folder), "-n", "50", "--device", "cpu", "-q", "--overwrite"]
     now = cli(None, [*common, "-o", str(root / "mem_now")])["maxrss_kb"]
     then = cli(head, [*common, "-o", str(root / "mem_head")])["maxrss_kb"]
     print(f"\npeak resident memory, smoothgrad N=50 on 8 images: {now / 1024:.0f} MiB now, "
-          f"{then / 1024:.0f} MiB committed ({now / then:.2f}x)")
+          f"{then / 1024:.0f} MiB at {rev} ({now / then:.2f}x)")
 
 
-def maps(root: Path) -> None:
+def maps(root: Path, rev: str) -> None:
     import numpy as np
 
-    head = committed_tree(root) if not (root / "head").exists() else root / "head"
+    head = committed_tree(root, rev)
     common = ["explain", str(SAMPLES), "--method", "noisegrad", "--models", "10", "--weight-noise", "0.01",
               "--reduce", "none", "--device", "cpu", "-q", "--overwrite"]
-    runs = {"committed (1 image / group)": (head, []), "new grouping, --no-fast": (None, ["--no-fast"]),
+    runs = {"baseline (1 image / group)": (head, []), "new grouping, --no-fast": (None, ["--no-fast"]),
             "new grouping, fast copy": (None, [])}
     out: dict[str, dict[str, Any]] = {}
     for name, (tree, extra) in runs.items():
@@ -246,10 +249,10 @@ def maps(root: Path) -> None:
         recs = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
         out[name] = {Path(r["image"]).name: np.load(folder / r["outputs"]["npy"]) for r in recs
                      if r.get("status") == "ok"}
-    ref = out["committed (1 image / group)"]
+    ref = out["baseline (1 image / group)"]
     for name in list(runs)[1:]:
         worst = max(float(np.abs(out[name][k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
-        print(f"noisegrad maps, {name} vs committed: largest max|a - b| / max|b| = {worst:.1e}")
+        print(f"noisegrad maps, {name} vs {rev}: largest max|a - b| / max|b| = {worst:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_table:
             table(args, root)
         if args.memory:
-            memory(root)
+            memory(root, args.baseline)
         if args.maps:
-            maps(root)
+            maps(root, args.baseline)
     return 0
 
 

@@ -284,8 +284,9 @@ class ExplainRun:
         return [(i, cls) for i in range(len(group))]
 
     def _explain_group(self, group: list[Decoded]) -> None:
-        filler = [group[-1].x] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
-        x = to_device(torch.stack([d.x for d in group] + filler), self.device)  # type: ignore[misc]  # pinned
+        inputs = [d.x for d in group if d.x is not None]
+        inputs += [inputs[-1]] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
+        x = to_device(torch.stack(inputs), self.device)  # pinned memory and an asynchronous copy on CUDA
         probs = self.oracle.logits(x).softmax(1)[:len(group)]
         attach_default_labels(self.model, probs.shape[1])
         rows = self._targets(group, probs)
