@@ -349,3 +349,28 @@ def test_a_second_run_into_a_locked_folder_exits_1_naming_the_holder(tmp_path):
         proc = explain(src, out, model, cwd=tmp_path)
     one_line_error(proc, 1, "another saliency run", f"pid {os.getpid()}")
     assert explain(src, out, model, cwd=tmp_path).returncode == 0  # free again
+
+
+# -- 11. noise memory does not grow with -n -------------------------------------------------------------------
+def _peak_mb(args: list[str], cwd: Path) -> float:
+    """Peak resident memory (MB) of one `saliency ARGS` run in its own interpreter."""
+    code = ("import resource, runpy, sys; sys.argv = ['saliency'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('saliency_cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def test_noise_memory_is_bounded_by_the_batch_not_by_the_sample_count(tmp_path):
+    """800 samples of a 224 px image would be 960 MB of noise and noisy inputs drawn at once; drawn per chunk,
+    the run's peak memory grows by far less than that over a 16-sample run."""
+    model = tiny_model(tmp_path)
+    (tmp_path / "tiny.pt.json").write_text(json.dumps({"input_size": [3, 224, 224], "mean": [0.5] * 3,
+                                                       "std": [0.5] * 3}))
+    images(tmp_path / "in", n=1, size=256)
+    peaks = [_peak_mb(["explain", "in", "-o", f"out{n}", "-m", str(model), "--device", "cpu", "--method",
+                       "smoothgrad", "-n", str(n), "-q"], tmp_path) for n in (16, 800)]
+    assert (tmp_path / "out800" / "in" / "img0.png.smoothgrad.npy").exists() or list(
+        (tmp_path / "out800").glob("*.npy"))
+    assert peaks[1] - peaks[0] < 250, peaks

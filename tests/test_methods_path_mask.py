@@ -268,7 +268,8 @@ def test_mask_map_shape_range_cost_and_model_unchanged() -> None:
     assert attr.maps.min() >= 0 and torch.allclose(attr.maps.flatten(1).amax(1), torch.ones(2))
     assert oracle.passes == 2 * 16 * (100 // 16)
     assert (attr.stats["forward_passes"] == 16 * 6).all()
-    assert METHODS["mask"].needs_gradients is False and METHODS["mask"].cost(METHODS["mask"].defaults) == 64 * (5000 // 64)
+    mask_method = METHODS["mask"]
+    assert mask_method.needs_gradients is False and mask_method.cost(mask_method.defaults) == 64 * (5000 // 64)
 
 
 def test_rise_upsample_shapes_and_shift() -> None:

@@ -20,8 +20,8 @@ import torch
 from saliency_cli.methods.base import (
     Attribution,
     MethodContext,
+    NoisyPoints,
     SampleStats,
-    gaussian,
     register,
     sample_result,
 )
@@ -72,8 +72,8 @@ def adaptgrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
                                converge=float(converge), cap=int(max_samples), clean_first=True)
         result.stats["sigma_mean"] = sigma_mean
         return result
-    eps = gaussian(generators, int(samples), x) * sigma[:, None]  # (B, N, C, H, W)
-    points = torch.cat([x[:, None], x[:, None] + eps], dim=1)  # (B, N+1, C, H, W): the clean input first
+    # (B, N+1, C, H, W), the clean input first, the noise drawn chunk by chunk
+    points = NoisyPoints(x, generators, int(samples), sigma[:, None], clean_first=True)
     stats = SampleStats()
     stream_base(oracle, points, target, prepared, lambda a, sl: stats.update(a))
     assert stats.mean is not None

@@ -24,8 +24,8 @@ from saliency_cli.numerics import SampleStats, gauss_legendre, quadrature
 from saliency_cli.oracle import GradientOracle
 
 __all__ = ["BASELINES", "QUADRATURES", "Attribution", "InputRange", "METHODS", "Method", "MethodContext",
-           "SampleStats", "expand_target", "gaussian", "gauss_legendre", "noise_sigma", "noise_stats", "quadrature",
-           "register", "relative_sigma", "sample_chunks", "sample_result", "stream_gradients"]
+           "NoisyPoints", "SampleStats", "expand_target", "gaussian", "gauss_legendre", "noise_sigma", "noise_stats",
+           "quadrature", "register", "relative_sigma", "sample_chunks", "sample_result", "stream_gradients"]
 
 
 @dataclass
@@ -189,6 +189,71 @@ def gaussian(generators: list[torch.Generator], n: int, like: torch.Tensor) -> t
     shape = (n, *like.shape[1:])
     return torch.stack([torch.randn(shape, generator=g, device=like.device, dtype=torch.float32)
                         for g in generators])
+
+
+class NoisyPoints:
+    """`x[:, None] + scale * e`, e standard normal, n samples per image, drawn on demand: it stands for the
+    (B, n, C, H, W) tensor (or (B, n+1, ...) with the clean input first) of which the chunked gradient loops read
+    `points[:, sl]` slice after slice, so memory is bounded by a chunk and not by `-n`.
+
+    Each image draws from its own generator in blocks of BLOCK samples, in order, whatever the chunks: the noise
+    is a function of (generator, n) alone. On the CPU it equals one `torch.randn` of all n samples (`gaussian`)
+    when a sample's size is a multiple of 16, as model inputs are (3 x 224 x 224, 3 x 32 x 32, ...).
+    scale: (B, 1, 1, 1, 1) per image or (B, 1, C, H, W) per element.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, x: torch.Tensor, generators: list[torch.Generator], n: int, scale: torch.Tensor,
+                 clean_first: bool = False) -> None:
+        self.x, self.generators, self.n, self.scale, self.clean_first = x, generators, int(n), scale, clean_first
+        self.shape = (x.shape[0], self.n + int(clean_first), *x.shape[1:])
+        self.buffer = x.new_empty((x.shape[0], 0, *x.shape[1:]))  # drawn, not yet read: (B, m, C, H, W)
+        self.drawn = 0  # noise samples drawn per image
+        self.read = 0  # positions read so far (the clean input counts as one)
+
+    def _draw(self, k: int) -> None:
+        """Append at least k samples per image to the buffer, BLOCK at a time."""
+        blocks = []
+        while self.buffer.shape[1] + sum(b.shape[1] for b in blocks) < k and self.drawn < self.n:
+            m = min(self.BLOCK, self.n - self.drawn)
+            shape = (m, *self.x.shape[1:])
+            blocks.append(torch.stack([torch.randn(shape, generator=g, device=self.x.device, dtype=torch.float32)
+                                       for g in self.generators]))
+            self.drawn += m
+        if blocks:
+            self.buffer = torch.cat([self.buffer, *blocks], dim=1)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor:
+        rows, sl = index
+        if rows != slice(None) or sl.step not in (None, 1) or sl.start != self.read:
+            raise IndexError("NoisyPoints are read in order, as points[:, start:stop] with start = the last stop")
+        stop = min(sl.stop, self.shape[1])
+        parts = []
+        if self.clean_first and self.read == 0 and stop > 0:
+            parts.append(self.x[:, None])
+            self.read = 1
+        k = stop - self.read
+        if k > 0:
+            self._draw(k)
+            e, self.buffer = self.buffer[:, :k], self.buffer[:, k:]
+            parts.append(self.x[:, None] + e * self.scale)
+            self.read = stop
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def window(self, start: int, n: int) -> _Window:
+        """Positions start .. start+n-1 as points of their own (FusionGrad: noisy model m's N inputs)."""
+        return _Window(self, start, n)
+
+
+class _Window:
+    def __init__(self, points: NoisyPoints, start: int, n: int) -> None:
+        self.points, self.start = points, start
+        self.shape = (points.shape[0], n, *points.shape[2:])
+
+    def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor:
+        rows, sl = index
+        return self.points[rows, slice(self.start + sl.start, self.start + min(sl.stop, self.shape[1]))]
 
 
 def expand_target(target: torch.Tensor, n: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 from saliency_cli.methods.base import (
     Attribution,
     MethodContext,
+    NoisyPoints,
     SampleStats,
     gaussian,
     noise_sigma,
@@ -185,11 +186,10 @@ def _over_models(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, 
         return _models_until_converged(oracle, x, target, generators, ctx, base, s, device, inputs, float(converge),
                                        int(cap))
     n_models = int(models)
-    eps = None
-    if inputs is not None:  # all M*N input draws of an image at once: the map does not depend on chunking
+    noisy = None
+    if inputs is not None:  # the M*N input draws of an image in order, model after model, whatever the chunks
         n, sigma = inputs
-        eps = gaussian(generators, n_models * n, x) * sigma.view(-1, 1, 1, 1, 1)  # (B, M*N, C, H, W)
-        eps = eps.view(b, n_models, n, *x.shape[1:])  # (B, M*N, C, H, W) -> (B, M, N, C, H, W)
+        noisy = NoisyPoints(x, generators, n_models * n, sigma.view(-1, 1, 1, 1, 1))  # (B, M*N, C, H, W)
     stats, shown = SampleStats(), SampleStats()
 
     def consume(a: torch.Tensor, sl: slice) -> None:
@@ -199,7 +199,8 @@ def _over_models(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, 
     with oracle.parameters_edited() as editor:
         for m in range(n_models):  # one noisy model at a time: all images of the batch go through it at once
             editor.scale_by_noise(weight_generator(ctx.seed, m, device), s)
-            stream_base(oracle, x[:, None] if eps is None else x[:, None] + eps[:, m], target, base, consume)
+            points = x[:, None] if noisy is None else noisy.window(m * n, n)  # (B, N, C, H, W) of model m
+            stream_base(oracle, points, target, base, consume)
     assert stats.mean is not None and shown.mean is not None
     result = sample_result(stats, stats.mean, weight_noise=s_used)
     result.display = torch.where(torch.isnan(result.maps[:, 0]), float("nan"), shown.mean)

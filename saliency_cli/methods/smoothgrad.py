@@ -16,8 +16,8 @@ import torch
 from saliency_cli.methods.base import (
     Attribution,
     MethodContext,
+    NoisyPoints,
     SampleStats,
-    gaussian,
     noise_sigma,
     noise_stats,
     register,
@@ -64,9 +64,9 @@ def noisy_estimate(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor
                                cap=int(max_samples))
         result.stats.update(noise_stats(x, sigma))
         return result
-    eps = gaussian(generators, int(samples), x) * scale  # (B, N, C, H, W)
+    points = NoisyPoints(x, generators, int(samples), scale)  # (B, N, C, H, W), drawn chunk by chunk
     stats = SampleStats()
-    stream_base(oracle, x[:, None] + eps, target, prepared, lambda a, sl: stats.update(a))
+    stream_base(oracle, points, target, prepared, lambda a, sl: stats.update(a))
     return sample_result(stats, statistic(stats), **noise_stats(x, sigma))
 
 
