@@ -275,6 +275,17 @@ def _largest_difference(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor,
     return float((out - ref).abs().max() / ref.abs().max().clamp(min=torch.finfo(torch.float32).tiny))
 
 
+def checked_fast_copy(model: torch.nn.Module, device: torch.device,
+                      input_size: tuple[int, ...] | list[int] | None) -> tuple[FastModel | None, dict[str, Any]]:
+    """`fast_copy` as every engine builds it (explain, the tensor API, evaluate's recomputed maps): channels_last
+    where the device gains, checked on the same two seeded random inputs of the model's input size, so the three
+    compute a map with the same model."""
+    example = None
+    if input_size:
+        example = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0)).to(device)
+    return fast_copy(model, channels_last=channels_last_gains(device), example=example)
+
+
 def fast_copy(model: torch.nn.Module, *, channels_last: bool = False,
               example: torch.Tensor | None = None) -> tuple[FastModel | None, dict[str, Any]]:
     """A `FastModel` of `model` (every foldable BatchNorm folded; channels_last if asked) and what was done:

@@ -413,20 +413,24 @@ def test_sanity_checks_recompute_the_runs_maps(real_runs: tuple[Path, Path], tmp
     rnd = ev.sanity["randomization"]["smoothgrad"]
     assert rnd["stages"] == ["classifier", "bn2..conv_stem"] and len(rnd["images"]) == 2
     assert ev.summary["smoothgrad"]["randomization"]["mean"] < 0.5
-    # The recomputation on the clean model reproduces the stored maps exactly (same settings, same noise).
+    # The recomputation on the clean model reproduces the stored maps (same settings, same noise, same model).
     from saliency_cli.data import input_bounds
+    from saliency_cli.pipeline.evaluate import run_oracle
     from saliency_cli.pipeline.runs import load_image, read_run, reload_model
 
     data = read_run(run)
     model = reload_model(data, torch.device("cpu"), {})
     bounds = input_bounds(data.info["data_config"])
-    oracle = GradientOracle(model.module, batch_size=8)
+    oracle = run_oracle(data, model, torch.device("cpu"), int(data.info["batch_size"]))
     for row in data.rows:
         img = load_image(row, data.info["data_config"], torch.device("cpu"))
         again = recomputer(METHODS[row.record["method"]], row.record["params"], oracle, img.x[None],
                            torch.tensor([row.target]), [img.seed], MethodContext(bounds))()[0]
         stored = torch.from_numpy(np.load(run / row.record["outputs"]["npy"]))
-        assert torch.allclose(again, stored, rtol=1e-5, atol=1e-7 * float(stored.abs().max()))
+        # equal within float32 rounding as this network amplifies it: recomputed one image at a time, where explain
+        # ran a padded group of 4, so other kernels' rounding moves a few ReLU6 inputs across the kink (3e-4 here;
+        # another noise draw would differ by tens of per cent)
+        assert float((again - stored).norm() / stored.norm()) < 1e-3
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -233,8 +232,15 @@ def test_evaluate_records_rows_it_cannot_score_and_exits_3(tmp_path):
 
 
 # -- 8, 9, 10, 12. bounded memory and odd files ---------------------------------------------------------------
-def _peak_rss_mb_of_children() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def run_measured(args: list[str | Path], cwd: Path) -> tuple[int, float]:
+    """Exit code and peak resident memory (MB) of one `saliency ARGS` run in an interpreter of its own."""
+    code = ("import resource, runpy, sys; sys.argv = ['saliency'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('saliency_cli', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    rc = e.code\nprint(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    rc, peak = proc.stdout.strip().splitlines()[-1].split()
+    return int(rc), float(peak)
 
 
 def test_thin_huge_resize_fifo_float_tiffs_and_inf_pixels_in_one_run(tmp_path):
@@ -254,9 +260,9 @@ def test_thin_huge_resize_fifo_float_tiffs_and_inf_pixels_in_one_run(tmp_path):
     Image.fromarray(bad, mode="F").save(src / "inf.tif")
     model = tiny_model(tmp_path)
     out = tmp_path / "out"
-    proc = run("explain", src, src / "pipe.png", "-o", out, "-m", model, "--device", "cpu", "--method",
-               "gradient", "-q", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 3, proc.stderr
+    rc, peak = run_measured(["explain", src, src / "pipe.png", "-o", out, "-m", model, "--device", "cpu",
+                             "--method", "gradient", "-q"], tmp_path)
+    assert rc == 3
     by_key = {r["key"]: r for r in records(out)}
     assert by_key["thin.png"]["status"] == "error" and "resized" in by_key["thin.png"]["error"]
     assert by_key["pipe.png"]["status"] == "error" and "FIFO" in by_key["pipe.png"]["error"]
@@ -264,7 +270,7 @@ def test_thin_huge_resize_fifo_float_tiffs_and_inf_pixels_in_one_run(tmp_path):
     assert by_key["float.tif"]["status"] == "ok" and by_key["eight.png"]["status"] == "ok"
     a, b = np.load(out / "float.tif.gradient.npy"), np.load(out / "eight.png.gradient.npy")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
-    assert _peak_rss_mb_of_children() < 1500
+    assert peak < 1500
 
 
 def test_a_huge_photo_is_drawn_reduced_and_decoded_in_draft_mode(tmp_path):
@@ -276,15 +282,16 @@ def test_a_huge_photo_is_drawn_reduced_and_decoded_in_draft_mode(tmp_path):
         im.convert("RGB").resize((6000, 4000)).save(src / "big.jpg", quality=85)
     model = tiny_model(tmp_path)
     out = tmp_path / "out"
-    proc = explain(src, out, model, "--overlay-size", "1024", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    rc, peak = run_measured(["explain", src, "-o", out, "-m", model, "--device", "cpu", "--method", "gradient", "-q",
+                             "--overlay-size", "1024"], tmp_path)
+    assert rc == 0
     (rec,) = records(out)
     left, top, right, bottom = rec["crop_box"]
     side = 4000 * 32 / 36  # the sidecar keeps timm's crop_pct 0.875: resize to 36, crop 32
     assert right - left == pytest.approx(side, abs=3) and bottom - top == pytest.approx(side, abs=3)
     with Image.open(out / rec["outputs"]["overlay"]) as ov:
         assert max(ov.size) <= 1024 + 200  # the overlay (plus its colour bar, if any)
-    assert _peak_rss_mb_of_children() < 1500
+    assert peak < 1500
 
 
 # -- 13. clear errors, early ------------------------------------------------------------------------------------
@@ -352,16 +359,6 @@ def test_a_second_run_into_a_locked_folder_exits_1_naming_the_holder(tmp_path):
 
 
 # -- 11. noise memory does not grow with -n -------------------------------------------------------------------
-def _peak_mb(args: list[str], cwd: Path) -> float:
-    """Peak resident memory (MB) of one `saliency ARGS` run in its own interpreter."""
-    code = ("import resource, runpy, sys; sys.argv = ['saliency'] + sys.argv[1:]\n"
-            "try:\n    runpy.run_module('saliency_cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    return float(proc.stdout.strip().splitlines()[-1])
-
-
 def test_noise_memory_is_bounded_by_the_batch_not_by_the_sample_count(tmp_path):
     """800 samples of a 224 px image would be 960 MB of noise and noisy inputs drawn at once; drawn per chunk,
     the run's peak memory grows by far less than that over a 16-sample run."""
@@ -369,8 +366,8 @@ def test_noise_memory_is_bounded_by_the_batch_not_by_the_sample_count(tmp_path):
     (tmp_path / "tiny.pt.json").write_text(json.dumps({"input_size": [3, 224, 224], "mean": [0.5] * 3,
                                                        "std": [0.5] * 3}))
     images(tmp_path / "in", n=1, size=256)
-    peaks = [_peak_mb(["explain", "in", "-o", f"out{n}", "-m", str(model), "--device", "cpu", "--method",
-                       "smoothgrad", "-n", str(n), "-q"], tmp_path) for n in (16, 800)]
+    peaks = [run_measured(["explain", "in", "-o", f"out{n}", "-m", model, "--device", "cpu", "--method",
+                           "smoothgrad", "-n", str(n), "-q"], tmp_path)[1] for n in (16, 800)]
     assert (tmp_path / "out800" / "in" / "img0.png.smoothgrad.npy").exists() or list(
         (tmp_path / "out800").glob("*.npy"))
     assert peaks[1] - peaks[0] < 250, peaks

@@ -199,7 +199,7 @@ def test_jobs_name_both_and_take_the_bases_own_settings() -> None:
 def test_samples_auto_stopping_at_n_equals_the_fixed_n_run_and_reports_the_split_half() -> None:
     """With a converge target it cannot reach, -n auto runs to its cap N: the same noise draws as -n N (one
     draw per round here, one draw of N there), so the same map up to float rounding; split_half is the
-    Pearson correlation, recomputed here with numpy, of the 4 x 4-pooled channel sums of the means of the
+    Pearson correlation, recomputed here with numpy, of the 4 x 4-pooled abs channel sums of the means of the
     even and the odd samples, whose gradients are recomputed here one by one."""
     model, x, cap = cnn(), images(2), 2 * ROUND
     auto, _ = run("smoothgrad", model, x, TARGET, (21, 22), noise=0.1, samples="auto", converge=0.999999,
@@ -211,7 +211,7 @@ def test_samples_auto_stopping_at_n_equals_the_fixed_n_run_and_reports_the_split
         sigma = 0.1 * float(x[i].max() - x[i].min())
         u = torch.randn((cap, 3, SIDE, SIDE), generator=torch.Generator().manual_seed(seed))
         g = torch.stack([grad(model, x[i] + sigma * u[j], int(TARGET[i])) for j in range(cap)]).double()
-        halves = [g[0::2].mean(0).sum(0).numpy(), g[1::2].mean(0).sum(0).numpy()]  # (H, W) each
+        halves = [g[0::2].mean(0).abs().sum(0).numpy(), g[1::2].mean(0).abs().sum(0).numpy()]  # (H, W) each
         pooled = [h.reshape(3, 4, 3, 4).mean(axis=(1, 3)).ravel() for h in halves]  # 12 x 12 -> 3 x 3
         r = np.corrcoef(pooled[0], pooled[1])[0, 1]
         assert float(auto.stats["split_half"][i]) == pytest.approx(r, abs=1e-5)
@@ -254,13 +254,15 @@ def test_models_auto_at_its_cap_equals_the_fixed_run_with_its_display(name: str,
     assert auto.stats["models_used"].tolist() == [5, 5]
 
 
-def test_split_half_correlation_pools_the_signed_channel_sum() -> None:
+def test_split_half_correlation_pools_the_abs_channel_sum() -> None:
     a = torch.zeros(1, 3, 8, 8)
     a[0, 0, :4, :4] = 1.0
     b = a.clone()
-    b[0, 1, :4, :4] = 1.0  # doubles the top-left block of the channel sum: same pattern, r = 1
+    b[0, 1, :4, :4] = -1.0  # doubles the top-left block of sum_c |.|: same pattern, r = 1
     assert float(split_half_correlation(a, b)[0]) == pytest.approx(1.0)
-    assert float(split_half_correlation(a, -a)[0]) == pytest.approx(-1.0)
+    c = torch.zeros(1, 3, 8, 8)
+    c[0, 2, 4:, 4:] = 1.0  # the opposite block
+    assert float(split_half_correlation(a, c)[0]) == pytest.approx(-1.0 / 3.0)  # 4 pooled cells: 1,0,0,0 vs 0,0,0,1
 
 
 def test_auto_options_are_checked_before_anything_is_loaded() -> None:

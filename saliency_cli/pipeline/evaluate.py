@@ -29,7 +29,7 @@ from saliency_cli.metrics.base import mean_curves
 from saliency_cli.metrics.localisation import box_region, index_masks, lookup, mask_region, read_boxes
 from saliency_cli.models import LoadedModel, num_classes, resolve_device
 from saliency_cli.numerics import mean_ci95, seeded_generator
-from saliency_cli.oracle import GradientOracle, default_batch_size
+from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
 from saliency_cli.pipeline.evaluation_files import Evaluation, Failure, jsonable, write_reports
 from saliency_cli.pipeline.runs import (
     LoadedImage,
@@ -260,12 +260,22 @@ def _ambiguous_names(rows: list[Row]) -> set[str]:
     return ambiguous | {n for n, c in Counter(Path(i).stem for i in distinct).items() if c > 1}
 
 
+def run_oracle(run: RunData, model: LoadedModel, device: torch.device, batch_size: int, *,
+               auto_backoff: bool = False) -> GradientOracle:
+    """The oracle the maps of a run are recomputed with (sanity checks): over the model explain used, its
+    `--fast` copy when the run made one (run.json's `fast`), with the run's score."""
+    fast = None
+    if (run.info.get("fast") or {}).get("folded"):
+        fast, _ = checked_fast_copy(model.module, device, run.info["data_config"].get("input_size"))
+    return GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=auto_backoff, fast=fast)
+
+
 def _open_run(run: RunData, opts: EvaluateOptions, device: torch.device, models: dict[str, LoadedModel]
               ) -> _RunScope:
     model = reload_model(run, device, models)
     batch_size = opts.batch_size or default_batch_size(device)
-    oracle = GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=opts.batch_size is None)
     cfg = run.info["data_config"]
+    oracle = run_oracle(run, model, device, batch_size, auto_backoff=opts.batch_size is None)
     bounds = input_bounds(cfg).to(device)
     return _RunScope(run, oracle, cfg, MethodContext(bounds, seed=run.seed, scorer=scorer_for(bounds)), device,
                      num_classes(model))

@@ -30,9 +30,8 @@ from saliency_cli.numerics import seeded_generator
 from saliency_cli.oracle import (
     FastModel,
     GradientOracle,
-    channels_last_gains,
+    checked_fast_copy,
     default_batch_size,
-    fast_copy,
     to_device,
 )
 from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, prefetch
@@ -113,11 +112,7 @@ class ExplainRun:
         equal the model's within float32 rounding; what was done goes to run.json."""
         if not self.opts.fast:
             return None, {"folded": 0, "channels_last": False, "max_rel_diff": None, "reason": "--no-fast"}
-        size = self.model.data_config.get("input_size")
-        example = None
-        if size:
-            example = torch.randn((2, *size), generator=torch.Generator().manual_seed(0)).to(self.device)
-        return fast_copy(self.model.module, channels_last=channels_last_gains(self.device), example=example)
+        return checked_fast_copy(self.model.module, self.device, self.model.data_config.get("input_size"))
 
     def _check_target(self) -> None:
         """`--target` against the model's classes, before any image is explained."""

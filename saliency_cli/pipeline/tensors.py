@@ -24,7 +24,7 @@ from saliency_cli.methods.base import Attribution, MethodContext
 from saliency_cli.metrics import score_maps
 from saliency_cli.models import LoadedModel, LogitsOnly, in_memory_model, load_model, module_data_config, resolve_device
 from saliency_cli.numerics import seeded_generator
-from saliency_cli.oracle import GradientOracle, channels_last_gains, default_batch_size, fast_copy
+from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
 from saliency_cli.pipeline.plan import ExplainOptions, Job, make_jobs, validate
 
 CALIBRATION_IMAGES = 16  # images that run-level resolvers (weight noise `auto`) calibrate on
@@ -233,8 +233,7 @@ def _oracle(module: torch.nn.Module, x: torch.Tensor, *, batch_size: int | None,
     device = x.device
     copy = None
     if fast:
-        example = torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
-        copy, _ = fast_copy(module, channels_last=channels_last_gains(device), example=example)
+        copy, _ = checked_fast_copy(module, device, tuple(x.shape[1:]))
     return GradientOracle(module, batch_size=batch_size or default_batch_size(device), score=score,
                           precision=precision, auto_backoff=batch_size is None, fast=copy)
 
