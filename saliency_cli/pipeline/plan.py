@@ -59,7 +59,7 @@ class ExplainOptions:
     shard: str | None = None  # `I/N`; None: from the launcher's environment (torchrun, Slurm), else the whole run
     max_pixels: int = 150_000_000  # decoded pixels of one image at most (data.MAX_PIXELS)
     overlay_size: int = 2048  # overlays are drawn on a copy at most this long on its long side
-    # Speed only: maps equal within float32 rounding, so not part of a job's identity (run.json records them).
+    # Speed: maps equal within float32 rounding as the network amplifies it; part of a job's identity (plan.job_identity)
     fast: bool = True  # passes on a private copy with BatchNorm folded into the convolutions (+ channels_last)
     compile: bool = False  # torch.compile the network once per run
     workers: int | None = None  # decoding threads; None: min(8, CPU cores)
@@ -206,10 +206,13 @@ def parse_target(spec: str) -> tuple[str, Any]:
 
 def job_identity(job: Job, opts: ExplainOptions, source: dict[str, Any], data_config: dict[str, Any]) -> str:
     """A 16-hex-digit hash of everything that determines a job's maps (method, settings, target, seed, score,
-    precision, model source with its files' hashes, data config, version)."""
+    precision, the fast copy and compilation (they move maps by rounding that this kind of network amplifies),
+    model source with its files' hashes, data config, version)."""
     identity = {"method": job.method.name, "hyper": job.hyper, "reduce": job.reduce, "target": opts.target,
                 "seed": opts.seed, "score": opts.score, "precision": opts.precision,
                 "model": source, "data_config": data_config, "version": __version__}
+    if not opts.fast or opts.compile:  # the defaults keep the identities of earlier runs
+        identity.update(fast=opts.fast, compile=opts.compile)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
