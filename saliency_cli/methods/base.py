@@ -214,7 +214,7 @@ class NoisyPoints:
 
     def _draw(self, k: int) -> None:
         """Append at least k samples per image to the buffer, BLOCK at a time."""
-        blocks = []
+        blocks: list[torch.Tensor] = []
         while self.buffer.shape[1] + sum(b.shape[1] for b in blocks) < k and self.drawn < self.n:
             m = min(self.BLOCK, self.n - self.drawn)
             shape = (m, *self.x.shape[1:])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +35,17 @@ from saliency_cli.methods.ggig import GGIG_DEFAULTS, ggig_map
 from saliency_cli.methods.integrated_gradients import IG_DEFAULTS, path_integral
 from saliency_cli.methods.settings import BASES
 from saliency_cli.oracle import GradientOracle
+
+
+class Points(Protocol):
+    """What `stream_base` reads: a (R, N, C, H, W) tensor, or anything that stands for one and gives
+    `points[:, sl]` (base.NoisyPoints, which draws its noise chunk by chunk)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor: ...
+
 
 BASE_DEFAULTS: dict[str, dict[str, Any]] = {"gradient": {}, "input-x-gradient": {},
                                             "integrated-gradients": IG_DEFAULTS, "ggig": GGIG_DEFAULTS}
@@ -119,7 +130,7 @@ def prepare_base(base: str, x: torch.Tensor, generators: list[torch.Generator], 
     return Base(base, h, ref)
 
 
-def stream_base(oracle: GradientOracle, points: torch.Tensor, target: torch.Tensor, base: Base,
+def stream_base(oracle: GradientOracle, points: torch.Tensor | Points, target: torch.Tensor, base: Base,
                 consume: Callable[[torch.Tensor, slice], None], rows: torch.Tensor | None = None) -> None:
     """A at points (R, N, C, H, W) of images `rows` chunk by chunk: `consume(a (R, k, C, H, W), samples sl)`.
 

@@ -115,8 +115,9 @@ def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch
     (a candidate that beats the best value so far is taken at once); a step that improves nothing multiplies
     the step by `shrink` and counts a failure; an image stops after `patience` failures in a row, and all stop
     after `max_steps` steps. The objective is the metric (`noise`: AUTVC; `aupc`) of the *signed* channel sum
-    `sum_c R_c` (B, H, W), as the reference scores its heatmap (scoring sum_c |R_c| instead moved the cat's
-    sigma from about 0.5 to 1.5). Images of the batch search side by side: one SmoothTaylor call per candidate
+    `sum_c R_c` (B, H, W), as the reference scores its heatmap (this tool scored sum_c |R_c| before; on the cat,
+    bundled model, seed 0, `noise` objective, the chosen sigma is 0.52 with N = 50 and 0.48 with N = 150, against
+    0.46 and 0.47 with the abs objective). Images of the batch search side by side: one SmoothTaylor call per candidate
     direction for the whole batch. (B, C, H, W); stats: sigma (B,) chosen, objective (B,) its value,
     dropped_samples.
 

@@ -234,7 +234,8 @@ def perturbation(oracle: GradientOracle, recompute: Recompute, probability: Prob
     probs = [probability()]
     with oracle.parameters_edited() as editor:
         for i, t in enumerate(grid):
-            editor.add_scaled_noise(seeded_generator(purpose_seed(seed, f"perturbation:{i}"), editor.device), t)
+            device = editor.device or clean.device  # parameters exist: _require_parameters checked it
+            editor.add_scaled_noise(seeded_generator(purpose_seed(seed, f"perturbation:{i}"), device), t)
             maps = recompute()
             sims.append(spearman(maps, clean).to(clean.device))
             probs.append(probability().to(clean.device))

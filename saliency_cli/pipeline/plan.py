@@ -59,7 +59,7 @@ class ExplainOptions:
     shard: str | None = None  # `I/N`; None: from the launcher's environment (torchrun, Slurm), else the whole run
     max_pixels: int = 150_000_000  # decoded pixels of one image at most (data.MAX_PIXELS)
     overlay_size: int = 2048  # overlays are drawn on a copy at most this long on its long side
-    # Speed: maps equal within float32 rounding as the network amplifies it; part of a job's identity (plan.job_identity)
+    # Speed: maps equal within float32 rounding as the network amplifies it; part of a job's identity
     fast: bool = True  # passes on a private copy with BatchNorm folded into the convolutions (+ channels_last)
     compile: bool = False  # torch.compile the network once per run
     workers: int | None = None  # decoding threads; None: min(8, CPU cores)
