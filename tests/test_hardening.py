@@ -233,10 +233,13 @@ def test_evaluate_records_rows_it_cannot_score_and_exits_3(tmp_path):
 
 # -- 8, 9, 10, 12. bounded memory and odd files ---------------------------------------------------------------
 def run_measured(args: list[str | Path], cwd: Path) -> tuple[int, float]:
-    """Exit code and peak resident memory (MB) of one `saliency ARGS` run in an interpreter of its own."""
-    code = ("import resource, runpy, sys; sys.argv = ['saliency'] + sys.argv[1:]\n"
+    """Exit code and peak resident memory (MB, VmHWM) of one `saliency ARGS` run in an interpreter of its own."""
+    # VmHWM, not ru_maxrss: a child started with vfork/posix_spawn inherits the parent's (pytest's) ru_maxrss
+    code = ("import runpy, sys; sys.argv = ['saliency'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('saliency_cli', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    rc = e.code\nprint(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "    rc = e.code\n"
+            "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]\n"
+            "print(rc, int(hwm) / 1024)")
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=TIMEOUT)
     rc, peak = proc.stdout.strip().splitlines()[-1].split()
