@@ -95,3 +95,18 @@ def _tiny_models_stay_in_eval_mode(request):
         if name in request.fixturenames:
             model = request.getfixturevalue(name)
             assert not any(m.training for m in model.modules()), f"{request.node.name} left {name} in train mode"
+
+
+def seeded_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter N(0, 0.5^2) and BatchNorm statistics (mean N(0, 0.1^2), var U(0.5, 1.5)) from one seeded
+    generator; returned in eval mode. Gives small test CNNs reproducible, non-trivial weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    return model.eval()

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import seeded_weights
 from torch import nn
 
 from saliency_cli.data import InputRange
@@ -32,16 +33,7 @@ CLASSES = 5
 # -- fixtures -------------------------------------------------------------------------------------------
 def _init(model: nn.Module, seed: int) -> nn.Module:
     """Deterministic parameters and non-trivial BatchNorm statistics, from a local generator."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-    return model.eval()
+    return seeded_weights(model, seed)
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

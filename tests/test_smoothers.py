@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import seeded_weights
 from torch import nn
 
 from saliency_cli.data import InputRange
@@ -35,16 +36,7 @@ def cnn(seed: int = 0) -> nn.Module:
     """Conv -> BatchNorm -> Tanh -> pool -> Linear, 5 classes, parameters and BN statistics from a generator."""
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(24, 5))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-    return model.eval()
+    return seeded_weights(model, seed)
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
