@@ -115,14 +115,16 @@ class ExplainRun:
         return checked_fast_copy(self.model.module, self.device, self.model.data_config.get("input_size"))
 
     def _check_target(self) -> None:
-        """`--target` against the model's classes, before any image is explained."""
-        classes = num_classes(self.model)
+        """`--target` against the model's classes, before any image is explained: the class count, the default
+        labels and the parsed target (a class name as its index) are found once here for the whole run."""
+        self.classes = classes = num_classes(self.model)
         attach_default_labels(self.model, classes)
         kind, value = parse_target(self.opts.target)
         if kind == "index" and value >= classes:
             raise UsageError(f"--target {value}: the model has {classes} classes (0 to {classes - 1})")
         if kind == "name":
-            self.model.class_index(value)
+            kind, value = "index", self.model.class_index(value)
+        self.target_kind, self.target_value = kind, value
 
     def _scorer(self, metric: str, oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor,
                 maps: torch.Tensor) -> torch.Tensor:
@@ -233,9 +235,9 @@ class ExplainRun:
 
     def _loop(self, items: list[InputItem]) -> None:
         group_size = self._group_size()
-        kind, k = parse_target(self.opts.target)
         self._images_per_group = group_size
-        self._rows_per_group = group_size * (min(int(k), num_classes(self.model)) if kind == "topk" else 1)
+        topk = self.target_kind == "topk"
+        self._rows_per_group = group_size * (min(int(self.target_value), self.classes) if topk else 1)
         cfg = self.model.data_config
         workers = self._workers()
         decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
@@ -265,30 +267,25 @@ class ExplainRun:
 
     # -- one group of images --------------------------------------------------------------------------
     def _targets(self, group: list[Decoded], probs: torch.Tensor) -> list[tuple[int, int]]:
-        """(image index in group, class) rows to explain."""
-        kind, value = parse_target(self.opts.target)
-        num_classes = probs.shape[1]
+        """(image index in group, class) rows to explain (the target was checked at set-up)."""
+        kind, value = self.target_kind, self.target_value
         if kind == "pred":
             return [(i, int(c)) for i, c in enumerate(probs.argmax(1).tolist())]
         if kind == "topk":
-            top = probs.topk(min(value, num_classes), dim=1).indices.tolist()
+            top = probs.topk(min(value, self.classes), dim=1).indices.tolist()
             return [(i, int(c)) for i, row in enumerate(top) for c in row]
-        cls = value if kind == "index" else self.model.class_index(value)
-        if cls >= num_classes:
-            raise UsageError(f"--target {cls}: the model has {num_classes} classes")
-        return [(i, cls) for i in range(len(group))]
+        return [(i, value) for i in range(len(group))]
 
     def _explain_group(self, group: list[Decoded]) -> None:
         inputs = [d.x for d in group if d.x is not None]
         inputs += [inputs[-1]] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
         x = to_device(torch.stack(inputs), self.device)  # pinned memory and an asynchronous copy on CUDA
         probs = self.oracle.logits(x).softmax(1)[:len(group)]
-        attach_default_labels(self.model, probs.shape[1])
         rows = self._targets(group, probs)
         idx = torch.tensor([i for i, _ in rows], device=self.device)
         target = torch.tensor([c for _, c in rows], device=self.device)
         xr = x[idx]  # (R, C, H, W): one row per (image, target)
-        topk = parse_target(self.opts.target)[0] == "topk"
+        topk = self.target_kind == "topk"
         panels: dict[int, list[tuple[str, Panel]]] = {r: [] for r in range(len(rows))}
         for job in self.jobs:
             todo = self._skip_finished(group, rows, job, panels)
