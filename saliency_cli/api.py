@@ -4,9 +4,9 @@
     info = explain(ExplainOptions(inputs=["photos/"], methods=["fusiongrad"], out=Path("out")))
     maps = attribute(model, x, method="smoothgrad", samples=50)  # an nn.Module and a (B, C, H, W) tensor
 
-explain() and evaluate() run the engines in pipeline/; attribute() explains tensors in memory (also as
-`saliency_cli.attribute`); list_methods(), list_metrics() and describe_model() give what `saliency methods`,
-`saliency evaluate --list-metrics` and `saliency info` show.
+explain(), evaluate(), compare(), report() and check() run the engines in pipeline/; attribute() explains
+tensors in memory (also as `saliency_cli.attribute`); list_methods(), list_metrics() and describe_model() give
+what `saliency methods`, `saliency evaluate --list-metrics` and `saliency info` show.
 """
 
 from __future__ import annotations
@@ -21,18 +21,23 @@ if TYPE_CHECKING:
     import torch
 
     from saliency_cli.models import LoadedModel
+    from saliency_cli.pipeline.check import CheckOptions, CheckResult
     from saliency_cli.pipeline.evaluate import EvaluateOptions, Evaluation
 
-__all__ = ["EvaluateOptions", "Evaluation", "ExplainOptions", "attribute", "compare", "describe_model", "evaluate",
-           "explain", "list_methods", "list_metrics", "report", "versions"]
+__all__ = ["CheckOptions", "CheckResult", "EvaluateOptions", "Evaluation", "ExplainOptions", "attribute", "check",
+           "compare", "describe_model", "evaluate", "explain", "list_methods", "list_metrics", "report", "versions"]
 
 
 def __getattr__(name: str) -> Any:
-    """EvaluateOptions and Evaluation, imported on first use (they bring torch)."""
+    """EvaluateOptions and Evaluation (they bring torch), CheckOptions and CheckResult, imported on first use."""
     if name in ("EvaluateOptions", "Evaluation"):
         from saliency_cli.pipeline import evaluate as engine
 
         return getattr(engine, name)
+    if name in ("CheckOptions", "CheckResult"):
+        from saliency_cli.pipeline import check as checker
+
+        return getattr(checker, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -165,6 +170,26 @@ def compare(run_a: Path, run_b: Path, *, out: Path | None = None, fail_under: di
     opts = CompareOptions(run_a=run_a, run_b=run_b, out=out, fail_under=dict(fail_under or {}), strips=strips,
                           pool=pool, top=top)
     return compare_runs(opts, on_progress)
+
+
+def check(opts: CheckOptions, explain_opts: ExplainOptions | None = None, *, inputs_failed: bool = False,
+          on_record: Callable[[dict[str, Any]], None] | None = None,
+          on_warning: Callable[[str], None] | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> CheckResult:
+    """Run `saliency check`: explain `explain_opts` into `opts.run` (its folder; skipped when None, the run is
+    then finished already and `inputs_failed` says whether inputs failed), evaluate with the gates, compare with
+    `opts.baseline` with the gates, and always write `opts.run`/index.html with the verdict banner. Returns a
+    pipeline.check.CheckResult: failed gates, steps that could not run, `exit_code` (0, 4, 3, or 1/2)."""
+    from dataclasses import replace
+
+    from saliency_cli.pipeline.check import check_options, run_check
+
+    if explain_opts is not None:
+        opts = replace(opts, run=Path(explain_opts.out))
+        check_options(opts)  # usage errors before anything is explained
+        info = explain(explain_opts, on_record=on_record, on_warning=on_warning)
+        inputs_failed = bool(info["counts"].get("error", 0))
+    return run_check(opts, inputs_failed=inputs_failed, on_progress=on_progress)
 
 
 def merge(folder: Path) -> dict[str, Any]:

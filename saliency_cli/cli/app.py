@@ -31,7 +31,7 @@ def _version(value: bool) -> None:
 
 def build_app() -> typer.Typer:
     """A fresh app with every command (the explain options are generated from the settings table as it is now)."""
-    from saliency_cli.cli import compare, evaluate, explain, info, merge, methods, report
+    from saliency_cli.cli import check, compare, evaluate, explain, info, merge, methods, report
 
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
@@ -48,6 +48,7 @@ def build_app() -> typer.Typer:
     app.command("report")(report.report)
     app.command("compare")(compare.compare)
     app.command("merge")(merge.merge)
+    app.command("check")(check.build_command())
     return app
 
 

@@ -45,7 +45,7 @@ from saliency_cli.pipeline.shards import resolve_shard
 from saliency_cli.reduce import reduce_channels
 from saliency_cli.writers import manifest_parts, run_record
 
-__all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer",
+__all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer", "select",
            "resolve"]
 
 Progress = Callable[[int, int], None]
@@ -141,8 +141,15 @@ def _check_names(opts: EvaluateOptions, metrics: list[str], sanity: list[str], r
 
 
 def resolve(opts: EvaluateOptions) -> Selection:
-    """Check the options before anything is loaded: the metric list, the sanity list and their options."""
+    """Check the options before anything is loaded: the run folders, the metric list, the sanity list and their
+    options."""
     _check_inputs(opts)
+    return select(opts)
+
+
+def select(opts: EvaluateOptions) -> Selection:
+    """The metric and sanity choice checked, without the run folders (`saliency check` asks before its run
+    exists)."""
     regions = opts.boxes is not None or opts.masks is not None
     metrics, sanity = _chosen(opts, regions)
     _check_names(opts, metrics, sanity, regions)

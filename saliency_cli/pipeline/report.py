@@ -40,13 +40,16 @@ Progress = Callable[[int, int], None]
 @dataclass
 class ReportOptions:
     """`runs`: explain run folders; `out`: the report folder (default: the first run); `comparison`: a
-    comparison.json to show (default: any in the run folders); `page_size` rows a page; `thumb_size` px wide."""
+    comparison.json to show (default: any in the run folders); `page_size` rows a page; `thumb_size` px wide;
+    `banner`: a verdict shown at the top ({"title", "ok", "lines": failed gates, "held": gates that held}; `saliency
+    check`'s); without one, the top lists the failed gates of the evaluations and comparisons shown."""
 
     runs: list[Path]
     out: Path | None = None
     comparison: Path | None = None
     page_size: int = 50
     thumb_size: int = 160
+    banner: dict[str, Any] | None = None
 
 
 @dataclass
@@ -501,6 +504,16 @@ def rows_json(rows: list[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(_script_json(r) for r in rows) + "\n]"
 
 
+def gate_banner(evaluations: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The failed gates recorded in the evaluation.json and comparison.json shown, for the top of the page."""
+    lines = [f"evaluate: {g}" for ev in evaluations for g in ev["gates"]]
+    lines += [f"compare: {g}" for cmp in comparisons for g in cmp["gates"]]
+    if not lines:
+        return None
+    return {"title": f"{len(lines)} gate{'s' if len(lines) != 1 else ''} failed", "ok": False, "lines": lines,
+            "held": []}
+
+
 def render_page(context: dict[str, Any]) -> str:
     """templates/report.html.j2 rendered with autoescape on (every path and label is escaped)."""
     import jinja2
@@ -547,7 +560,8 @@ def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Re
     context = {"runs": [run_summary(run, out) for run in runs], "columns": columns, "metrics": metrics.names,
                "metric_meta": metrics.meta, "evaluations": evaluations, "comparisons": comparisons,
                "errors": errors, "rows": rows, "meta": meta, "n_rows": len(rows), "version": __version__,
-               "warnings": warnings, "page_size": opts.page_size}
+               "warnings": warnings, "page_size": opts.page_size,
+               "banner": opts.banner or gate_banner(evaluations, comparisons)}
     path = out / "index.html"
     write_bytes(path, render_page(context).encode("utf-8"))
     return Report(path, len(rows), columns, len(thumbs), len(errors), warnings)
