@@ -148,3 +148,45 @@ def test_usage_errors_exit_2_before_anything_is_created(tmp_path, sample_dir, ar
     assert proc.returncode == 2, proc.stderr
     assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# -- api.check explaining first --------------------------------------------------------------------------------
+def test_api_check_explains_first_then_gates_and_reports(tmp_path, sample_dir, tiny):
+    """api.check with explain options: the run is explained into its --out (a broken input: exit 3), a second run
+    against it holds --min-spearman 0.99 (the gradient is deterministic), and a step that cannot run (evaluating a
+    run of an in-memory model, which run.json cannot reload) wins with exit 1; both reports are written."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        shutil.copy(sample_dir / name, images / name)
+    (images / "broken.png").write_bytes(b"not an image")
+
+    def explain_into(out: str) -> api.ExplainOptions:
+        return api.ExplainOptions(inputs=[str(images)], out=tmp_path / out, model=tiny, methods=["gradient"])
+
+    first = api.check(CheckOptions(run=tmp_path / "ignored"), explain_into("base"))
+    assert first.exit_code == 3 and first.inputs_failed and not first.gates
+    assert "some inputs failed" in verdict(tmp_path / "base" / "index.html")
+    second = api.check(CheckOptions(run=tmp_path / "ignored", baseline=tmp_path / "base", min_spearman=0.99,
+                                    fail_under={"sparseness": 0.0}), explain_into("cur"))
+    assert second.exit_code == 1 and second.passed == ["--min-spearman 0.99"]
+    banner = verdict(tmp_path / "cur" / "index.html")
+    assert "exit 1" in banner and "evaluate could not run" in banner and "in-memory module" in banner
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_saliency_report_lists_the_failed_gates_of_its_comparison_at_the_top(tmp_path):
+    """Without `check`, the report's top banner lists the failed gates recorded in the comparison.json shown."""
+    from saliency_cli.api import compare, report
+
+    base = make_run(tmp_path / "base")
+    changed = randomised(base, tmp_path / "changed")
+    cmp = compare(base, changed, fail_under={"spearman": 0.8})
+    assert cmp.failures
+    report([changed])
+    banner = verdict(changed / "index.html")
+    assert f"{len(cmp.failures)} gate" in banner
+    assert all(f"compare: {f.message()}" in banner for f in cmp.failures)
+    plain = make_run(tmp_path / "plain")
+    report([plain])
+    assert 'id="verdict"' not in (plain / "index.html").read_text()
