@@ -67,7 +67,7 @@ def layer(name: str) -> int:
 
 
 def test_every_module_is_in_a_layer():
-    """A new top-level module must be placed in the layer table above (and so in the README's layout)."""
+    """A new top-level module must be placed in the layer table above (and so in docs/ARCHITECTURE.md's layout)."""
     for name in modules():
         layer(name)
 
