@@ -16,6 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "saliency_cli"
 LAYERS = [{"__main__"}, {"cli"}, {"api"}, {"pipeline"}, {"methods", "metrics"}, {"oracle", "models", "render"},
           {"data", "reduce", "writers"}, {"numerics"}, {"errors"}]
 LOWEST = {"__init__"}  # the package's own version module
+# Inside saliency_cli.models, from the top: the entry point, the sources, then what they share.
+MODEL_LAYERS = [{"__init__"}, {"loader"}, {"in_memory"}, {"default", "timm_source", "programs"},
+                {"torchvision_source"}, {"labels", "fitting"}, {"checkpoints", "outputs", "data_config"},
+                {"provenance", "loaded"}, {"messages"}]
 
 
 def module_name(path: Path) -> str:
@@ -78,6 +82,23 @@ def test_imports_only_go_down():
             if same_package and top(name) in ("methods", "metrics") or dep == "saliency_cli":
                 continue
             if not same_package and layer(dep) <= layer(name) and top(dep) not in LOWEST:
+                bad.append(f"{name} -> {dep}")
+    assert not bad, bad
+
+
+def test_models_modules_import_only_down():
+    """Each module of the models package is in MODEL_LAYERS and imports only modules of lower layers there; the
+    package itself is imported by none of them."""
+    def model_layer(name: str) -> int:
+        part = name.split(".")[2] if name.count(".") >= 2 else "__init__"
+        return next(i for i, group in enumerate(MODEL_LAYERS) if part in group)
+
+    bad = []
+    for name, deps in graph().items():
+        if top(name) != "models":
+            continue
+        for dep in deps:
+            if top(dep) == "models" and model_layer(dep) <= model_layer(name):
                 bad.append(f"{name} -> {dep}")
     assert not bad, bad
 
