@@ -138,6 +138,7 @@ def test_a_step_that_cannot_run_wins_and_the_report_is_still_written(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--min-spearman", "0.8"], "--baseline-run"),
     (["--baseline-run", "NOPE"], "not an explain run folder"),
+    (["--baseline-run", "out"], "is the folder being checked"),  # -o is tmp_path/out and the cwd is tmp_path
     (["--fail-under", "bogus=1"], "bogus"),
     (["--fail-over", "deletion"], "METRIC=NUMBER"),
 ])
