@@ -194,6 +194,6 @@ def check(opts: CheckOptions, explain_opts: ExplainOptions | None = None, *, inp
 
 def merge(folder: Path) -> dict[str, Any]:
     """`saliency merge`: one manifest.jsonl and run.json from the parts a sharded run wrote (idempotent)."""
-    from saliency_cli.pipeline.merge import merge_folder
+    from saliency_cli.runfolder.parts import merge_folder
 
     return merge_folder(Path(folder))
