@@ -51,3 +51,9 @@ def test_an_image_gets_the_same_auto_map_alone_and_in_a_folder(tmp_path):
     assert one[0]["params"]["weight_noise"] == d["params"]["weight_noise"]
     # the images do need different noise: one s for the whole folder would have changed some image's map
     assert len({r["params"]["weight_noise"] for r in many}) > 1
+    # and the per-image values are one setting of one method (one column of evaluate/report, not four)
+    from saliency_cli.pipeline.runs import assign_labels, read_run
+
+    run = read_run(tmp_path / "out_folder")
+    assign_labels([run])
+    assert [r.label for r in run.rows] == ["noisegrad"] * 4

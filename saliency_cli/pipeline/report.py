@@ -28,7 +28,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from saliency_cli.errors import UsageError
-from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, assign_labels
+from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, asked_settings, assign_labels
 from saliency_cli.writers import finite, manifest_parts, read_manifests, run_record, write_bytes
 
 THUMBS = "thumbs"
@@ -73,7 +73,7 @@ def latest_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (the image could not be decoded) is dropped once a later record of that image and job has a target."""
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     for rec in records:
-        settings = {k: v for k, v in (rec.get("params") or {}).items() if k not in PARAM_NOISE}
+        settings = {k: v for k, v in asked_settings(rec.get("params") or {}).items() if k not in PARAM_NOISE}
         job = (rec.get("key"), rec.get("method"), json.dumps(settings, sort_keys=True, default=str))
         if rec.get("target") is not None:
             latest.pop((*job, None), None)
@@ -336,11 +336,12 @@ def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings:
 
 
 def mean_text(stat: dict[str, Any] | None) -> str:
-    """`mean ± ci95` of a {"mean", "ci95", "n"} summary, `-` when there is no value."""
+    """`mean ± ci95 (n=N)` of a {"mean", "ci95", "n"} summary (n: the images with a value), `-` when there is
+    no value."""
     if not stat or stat.get("mean") is None:
         return "-"
     text = f"{stat['mean']:.3g}"
-    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "")
+    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "") + f" (n={stat.get('n', 0)})"
 
 
 def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:

@@ -60,9 +60,18 @@ class RunData:
         return str((self.info.get("options") or {}).get("score") or "logit")
 
 
+def asked_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """A record's params as the run asked for them: a value calibrated per image (`weight_noise` with
+    `weight_noise_auto`) is `auto` again, so that every image of a run has the same settings."""
+    out = dict(params)
+    if out.pop("weight_noise_auto", False):
+        out["weight_noise"] = "auto"
+    return out
+
+
 def _settings(record: dict[str, Any]) -> dict[str, Any]:
-    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE)."""
-    return {k: v for k, v in (record.get("params") or {}).items() if k not in PARAM_NOISE}
+    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE, per-image `auto`)."""
+    return {k: v for k, v in asked_settings(record.get("params") or {}).items() if k not in PARAM_NOISE}
 
 
 def read_run(folder: Path) -> RunData:

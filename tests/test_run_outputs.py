@@ -1,0 +1,112 @@
+"""What the files made from run folders say (issue 16): object boxes matched four ways with the coverage named
+and every summary over its own n; a report folder that can be published alone; compare naming what differs
+between two runs. Runs of a tiny timm model (`test_resnet`, random weights, 32 px) on synthetic images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from saliency_cli import api
+from saliency_cli.cli.app import main
+from saliency_cli.cli.evaluate import comparison_rows
+from saliency_cli.pipeline.evaluate import EvaluateOptions
+
+# a.png and f.png get no box; b by its key, c by its path as given to explain, d by its file name, e by its
+# absolute path
+IMAGES = ("a.png", "sub/b.png", "c.png", "sub2/d.png", "e.png", "f.png")
+SIDE = 40  # original pixels of the synthetic images
+
+
+def _main(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0)
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_file(timm.create_model("test_resnet", pretrained=False).eval().state_dict(), str(path))
+    return path
+
+
+def explain(work: Path, out: str, checkpoint: Path, *extra: str) -> None:
+    """`saliency explain imgs -o OUT` run from `work` (image paths recorded relative, as given)."""
+    before = os.getcwd()
+    os.chdir(work)
+    try:
+        code = _main(["explain", "imgs", "-o", out, "-m", "test_resnet", "--checkpoint", str(checkpoint),
+                      "--input-size", "32", "--method", "gradient,smoothgrad", "-n", "2", "--device", "cpu", "-q",
+                      *extra])
+    finally:
+        os.chdir(before)
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """work/imgs/ with the six synthetic images, two tiny checkpoints (other weights), and run `work/run`."""
+    root = tmp_path_factory.mktemp("runout")
+    rng = np.random.default_rng(4)
+    for name in IMAGES:
+        (root / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(root / "imgs" / name)
+    _checkpoint(root / "tiny.safetensors", 0)
+    _checkpoint(root / "other.safetensors", 1)
+    explain(root, "run", root / "tiny.safetensors")
+    return root
+
+
+# -- boxes ------------------------------------------------------------------------------------------------
+def test_boxes_match_four_ways_and_every_summary_says_its_n(work, tmp_path, monkeypatch):
+    full, left = [0, 0, SIDE, SIDE], [0, 0, SIDE // 2, SIDE]
+    boxes = {"sub/b.png": full, "imgs/c.png": full, "d.png": full, str(work / "imgs" / "e.png"): left}
+    box_file = tmp_path / "boxes.json"
+    box_file.write_text(json.dumps(boxes))
+    monkeypatch.chdir(tmp_path)  # not the folder explain ran in: the given paths still match
+    out = tmp_path / "run"
+    shutil.copytree(work / "run", out)  # its images are still found where explain ran (run.json's cwd)
+    ev = api.evaluate(EvaluateOptions(runs=[out], metrics=["energy", "pointing"], boxes=box_file, device="cpu",
+                                      plots=False))
+    data = json.loads((out / "evaluation.json").read_text())
+    assert data["warnings"] == ["boxes for 4 of 6 images; no box for: a.png, f.png"]
+    for method in ("gradient", "smoothgrad"):
+        energy = {r["key"]: r["metrics"]["energy"] for r in data["images"] if r["method"] == method}
+        assert energy["a.png"] is None and energy["f.png"] is None
+        assert energy["sub/b.png"] == energy["c.png"] == energy["sub2/d.png"] == 1.0  # the whole image
+        assert 0 < energy["e.png"] < 1  # its left half only
+        values = [energy[k] for k in ("sub/b.png", "c.png", "sub2/d.png", "e.png")]
+        summary = data["summary"][method]["energy"]
+        assert summary["n"] == 4 and data["summary"][method]["pointing"]["n"] == 4
+        assert summary["mean"] == pytest.approx(sum(values) / 4)
+        sd = math.sqrt(sum((v - sum(values) / 4) ** 2 for v in values) / 3)
+        assert summary["ci95"] == pytest.approx(3.182446 * sd / 2, rel=1e-3)  # t(0.975, 3 df) over the 4 values
+    rows = list(csv.DictReader((out / "evaluation.csv").open()))
+    assert [r["energy"] for r in rows if r["kind"] == "n"] == ["4", "4"]
+    _, table = comparison_rows(ev)
+    assert [row[0] for row in table] == ["energy ↑", "pointing ↑"]  # no row claiming the run's image count
+    assert all(cell.endswith("(n=4)") or cell.endswith("(n=4) *") for row in table for cell in row[1:]), table
+    html = api.report([out]).path.read_text(encoding="utf-8")
+    assert html.count("(n=4)") == 4 and "(n=6)" not in html  # 2 metrics x 2 methods
+
+
+def test_a_box_named_by_an_ambiguous_file_name_is_refused(work, tmp_path):
+    """Two images are called x.png: a box named `x.png` could be either; their paths or keys work."""
+    from saliency_cli.errors import UsageError
+    from saliency_cli.metrics.localisation import lookup
+
+    table = {"x.png": [(0.0, 0.0, 1.0, 1.0)], "imgs/one/y.png": [(0.0, 0.0, 2.0, 2.0)]}
+    with pytest.raises(UsageError, match="several images"):
+        lookup(table, "/w/imgs/two/x.png", "two/x.png", {"x.png"}, "imgs/two/x.png")
+    assert lookup(table, "/w/imgs/one/y.png", "one/y.png", {"y.png"}, "./imgs/one//y.png") == [(0.0, 0.0, 2.0, 2.0)]
