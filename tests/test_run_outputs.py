@@ -5,6 +5,7 @@ between two runs. Runs of a tiny timm model (`test_resnet`, random weights, 32 p
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -110,3 +111,34 @@ def test_a_box_named_by_an_ambiguous_file_name_is_refused(work, tmp_path):
     with pytest.raises(UsageError, match="several images"):
         lookup(table, "/w/imgs/two/x.png", "two/x.png", {"x.png"}, "imgs/two/x.png")
     assert lookup(table, "/w/imgs/one/y.png", "one/y.png", {"y.png"}, "./imgs/one//y.png") == [(0.0, 0.0, 2.0, 2.0)]
+
+
+# -- compare: what else differs ----------------------------------------------------------------------------
+def test_compare_names_other_models_preprocessing_and_settings(work, tmp_path, capsys):
+    """B: other weights, crop_pct 0.8, smoothgrad -n 4. comparison.json, the notes under the table and each
+    failing gate say so (gradient's gate does not blame smoothgrad's settings); a run made with the same
+    weights read from another path, same settings, differs in nothing."""
+    explain(work, "run_b", work / "other.safetensors", "-n", "4", "--crop-pct", "0.8")
+    shutil.copy(work / "tiny.safetensors", work / "tiny_copy.safetensors")
+    explain(work, "run_c", work / "tiny_copy.safetensors")
+    model_a, model_b = (f"test_resnet sha256 {hashlib.sha256((work / n).read_bytes()).hexdigest()[:8]}.."
+                        for n in ("tiny.safetensors", "other.safetensors"))
+    code = _main(["compare", str(work / "run"), str(work / "run_b"), "-o", str(tmp_path / "ab"),
+                  "--fail-under", "spearman=0.9999", "--strips", "0"])
+    err = capsys.readouterr().err
+    assert code == 4
+    diff = json.loads((tmp_path / "ab" / "comparison.json").read_text())["differences"]
+    assert diff["model"] == {"a": model_a, "b": model_b}
+    assert diff["data_config"] == {"crop_pct": [0.95, 0.8]}
+    assert diff["methods"] == {"smoothgrad": {"samples": [2, 4]}}
+    moved = f"the runs used different models: A {model_a}, B {model_b}"
+    assert f"note: {moved}" in err and "note: different preprocessing: crop_pct 0.95 vs 0.8" in err
+    gates = [line for line in err.splitlines() if line.startswith("saliency: gate failed: ")]
+    assert len(gates) == 2
+    for line in gates:
+        assert line.endswith(")") and moved in line and "different preprocessing: crop_pct 0.95 vs 0.8" in line
+        assert ("different settings of smoothgrad: samples 2 vs 4" in line) == ("of smoothgrad on" in line)
+
+    assert _main(["compare", str(work / "run"), str(work / "run_c"), "-o", str(tmp_path / "ac"), "-q"]) == 0
+    same = json.loads((tmp_path / "ac" / "comparison.json").read_text())["differences"]
+    assert same == {"model": None, "data_config": {}, "methods": {}, "sentences": []}
