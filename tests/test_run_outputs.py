@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_report import browser  # noqa: F401 - the headless Chromium fixture
 
 from saliency_cli import api
 from saliency_cli.cli.app import main
@@ -142,3 +144,65 @@ def test_compare_names_other_models_preprocessing_and_settings(work, tmp_path, c
     assert _main(["compare", str(work / "run"), str(work / "run_c"), "-o", str(tmp_path / "ac"), "-q"]) == 0
     same = json.loads((tmp_path / "ac" / "comparison.json").read_text())["differences"]
     assert same == {"model": None, "data_config": {}, "methods": {}, "sentences": []}
+
+
+# -- a report folder published alone -------------------------------------------------------------------------
+def _page_links(site: Path) -> list[str]:
+    """Every href/src of the page and of its row data (overlay, .npy, thumbnail, image), unquoted."""
+    from urllib.parse import unquote
+
+    from test_report import page_data
+
+    html = (site / "index.html").read_text(encoding="utf-8")
+    _, rows = page_data(html)
+    links = re.findall(r'(?:href|src)="([^"]+)"', html)
+    links += [v for r in rows for c in r["c"].values() for k, v in c.items() if k in ("o", "n", "t")]
+    links += [r["h"] for r in rows if "h" in r]
+    return [unquote(link) for link in links if not link.startswith(("data:", "#"))]
+
+
+def test_a_report_folder_copied_alone_opens_with_every_file(work, tmp_path, browser):  # noqa: F811
+    """report RUN -o DIR, then DIR copied elsewhere and the run folder moved away: in headless Chromium every
+    image loads and only file:// URLs inside the copy are requested; every link of the page (overlays, .npy,
+    thumbnails, images, evaluation.json, comparison.json, its strips, the run's folder) is a file or folder
+    inside the copy."""
+    from test_report import _open, _requests
+
+    run = tmp_path / "run"
+    shutil.copytree(work / "run", run)
+    assert _main(["evaluate", str(run), "--metrics", "sparseness", "--device", "cpu", "-q"]) == 0
+    assert _main(["compare", str(work / "run"), str(run), "--strips", "2", "-q"]) == 0
+    site = tmp_path / "public" / "site"
+    result = api.report([run], out=site)
+    assert result.rows == 6 and result.thumbnails == 12
+    published = tmp_path / "elsewhere" / "site"
+    shutil.copytree(site, published)
+    run.rename(tmp_path / "gone")  # nothing may still point into the run folder
+    links = _page_links(published)
+    assert sum(".npy" in link for link in links) == 12 and sum("comparison/" in link for link in links) == 2
+    assert any(link.endswith("evaluation.json") for link in links)
+    assert any(link.endswith("comparison.json") for link in links)
+    assert sum(link.endswith((".png", ".jpg")) and "images/" in link for link in links) == 6  # the source images
+    for target in links:
+        assert not target.startswith("/") and "://" not in target and ".." not in target.split("/"), target
+        assert (published / target).exists(), target
+    _open(browser, published / "index.html")
+    widths = browser.execute_script("return [...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == 12 and all(w > 0 for w in widths), widths
+    requests = _requests(browser)
+    inside = (published.resolve().as_uri() + "/")
+    assert requests and all(u.startswith(inside) or u.startswith("data:") for u in requests), requests
+    assert "external-links" not in (published / "index.html").read_text(encoding="utf-8")
+
+
+def test_report_with_link_says_its_links_are_external_and_the_default_copies_nothing(work, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(work / "run", run)
+    linked = api.report([run], out=tmp_path / "linked", link=True).path
+    html = linked.read_text(encoding="utf-8")
+    assert 'id="external-links"' in html and not (tmp_path / "linked" / "files").exists()
+    assert all((linked.parent / t).exists() for t in _page_links(linked.parent))
+    assert any(t.startswith("../run/") for t in _page_links(linked.parent))
+    default = api.report([run]).path  # the page inside the run folder: its files are there already
+    assert default == run / "index.html" and not (run / "files").exists()
+    assert 'id="external-links"' not in default.read_text(encoding="utf-8")
