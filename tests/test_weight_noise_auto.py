@@ -52,7 +52,7 @@ def test_an_image_gets_the_same_auto_map_alone_and_in_a_folder(tmp_path):
     # the images do need different noise: one s for the whole folder would have changed some image's map
     assert len({r["params"]["weight_noise"] for r in many}) > 1
     # and the per-image values are one setting of one method (one column of evaluate/report, not four)
-    from saliency_cli.pipeline.runs import assign_labels, read_run
+    from saliency_cli.runfolder.folder import assign_labels, read_run
 
     run = read_run(tmp_path / "out_folder")
     assign_labels([run])
