@@ -29,8 +29,9 @@ class Outputs:
 
     def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
                  on_record: OnRecord | None = None, echo: IO[str] | None = None,
-                 manifest_name: str = "manifest.jsonl", overlay_size: int = 2048) -> None:
+                 manifest_name: str = "manifest.jsonl", overlay_size: int = 2048, probability: str = "softmax") -> None:
         self.overlay_size = overlay_size
+        self.probability = probability  # how `score` was taken from the logits: softmax, or sigmoid (multi-label)
         self.out = out
         self.seed = seed
         self.score = score
@@ -81,7 +82,7 @@ class Outputs:
         rec: dict[str, Any] = {
             "image": str(d.item.path), "key": d.item.key, "status": status, "error": error,
             "method": job.method.name, "params": self.params(job), "target": None, "label": None, "score": None,
-            "outputs": {}, "crop_box": d.box, "map_shape": None, "seconds": 0.0,
+            "probability": self.probability, "outputs": {}, "crop_box": d.box, "map_shape": None, "seconds": 0.0,
             "sha256": d.digest or None, "config": job.config_id,
         }
         rec.update(extra)
