@@ -22,6 +22,7 @@ from PIL import Image
 from saliency_cli.errors import ImageError, ModelError
 
 HF_EXTRA = 'pip install "saliency-cli[hf]"'
+MAX_ASPECT = 64  # longer side over shorter side at most (as data.RESIZE_LIMIT bounds timm's resize)
 _local = threading.local()  # the operations traced in this thread's current processor call
 
 
@@ -119,6 +120,8 @@ def processor_preprocess(img: Image.Image, spec: dict[str, Any],
     """`data.preprocess` for a processor: the processor's own pixel values and the crop box, in original pixels,
     of what they show. Refused when the output is not the model's input size or the traced geometry does not
     account for its shape."""
+    if max(img.size) > MAX_ASPECT * min(img.size):  # a shortest-edge resize would make it huge
+        raise ImageError(f"{img.width} x {img.height}: an aspect ratio over {MAX_ASPECT}: refused")
     x, ops = run_processor(img, spec)
     box, (h, w) = traced_box(img.width, img.height, ops)
     if tuple(x.shape) != tuple(input_size):
