@@ -74,7 +74,7 @@ def _processor(spec_json: str) -> Any:
     cls = getattr(transformers, str(spec["class"]), None)
     if not isinstance(cls, type) or not issubclass(cls, PilBackend):
         raise ModelError(f"transformers {transformers.__version__} has no PIL image processor {spec['class']!r}")
-    traced = type(f"Traced{cls.__name__}", (cls, _tracing_base()), {})
+    traced: Any = type(f"Traced{cls.__name__}", (cls, _tracing_base()), {})
     return traced.from_dict(spec["settings"])
 
 

@@ -236,7 +236,7 @@ def _transformers_model(spec: str, checkpoint: str | None, opts: dict[str, Any],
                          "folder holds its own weights and config")
     folder, named = _folder(spec)
     module = _load_module(folder)
-    config = module.config
+    config: Any = module.config
     source: dict[str, Any] = {"kind": "transformers", "name": spec, **named,
                               "architecture": type(module).__name__, "model_type": config.model_type}
     if (folder / "preprocessor_config.json").is_file():
