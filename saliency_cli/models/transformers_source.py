@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from saliency_cli.errors import ModelError, UsageError
+from saliency_cli.errors import ImageError, ModelError, UsageError
 from saliency_cli.models.loaded import _Built
 from saliency_cli.models.messages import _reason
 from saliency_cli.models.provenance import _record_file
@@ -140,6 +140,14 @@ def _processor_spec(folder: Path) -> dict[str, Any]:
     return spec
 
 
+def _probe_run(img: Image.Image, spec: dict[str, Any]) -> tuple[torch.Tensor, list[Any]]:
+    """The processor on a test image at load time: a failure is the model's (ModelError), not an image's."""
+    try:
+        return run_processor(img, spec)
+    except ImageError as e:
+        raise ModelError(f"{spec['class']}: {e} (a {img.width} x {img.height} test image)") from None
+
+
 def _centre(x: torch.Tensor) -> torch.Tensor:
     """The centre pixel's values (C,) in float64 (away from any padding a centre crop adds)."""
     return x[:, x.shape[1] // 2, x.shape[2] // 2].double()
@@ -149,7 +157,7 @@ def _affine(spec: dict[str, Any], channels: int) -> tuple[tuple[float, ...], tup
     """The mean and std, per model-input channel, with which the processor maps a pixel value p in [0, 1] to
     (p - mean) / std: found on a black and a white image, and given as the processor's own image_mean and
     image_std when they are these numbers (a channel flip or an offset changes them)."""
-    lo, hi = (_centre(run_processor(Image.new("RGB", (256, 256), (v, v, v)), spec)[0]) for v in (0, 255))
+    lo, hi = (_centre(_probe_run(Image.new("RGB", (256, 256), (v, v, v)), spec)[0]) for v in (0, 255))
     if torch.any(hi <= lo):
         raise ModelError(f"{spec['class']} does not map brighter pixels to larger values; saliency cannot bound "
                          "its inputs")
@@ -160,7 +168,7 @@ def _affine(spec: dict[str, Any], channels: int) -> tuple[tuple[float, ...], tup
     if settings.get("do_normalize") and all(isinstance(d, list) and len(d) == channels for d in declared):
         if torch.allclose(torch.tensor(declared, dtype=torch.float64), torch.stack([mean, std]), atol=1e-5):
             return tuple(float(v) for v in declared[0]), tuple(float(v) for v in declared[1])
-    return tuple(round(float(v), 7) for v in mean), tuple(round(float(v), 7) for v in std)
+    return tuple(round(float(v), 7) + 0.0 for v in mean), tuple(round(float(v), 7) for v in std)
 
 
 def processor_data_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +177,7 @@ def processor_data_config(spec: dict[str, Any]) -> dict[str, Any]:
     a square photo's side it keeps (crop_pct), crop mode `processor`."""
     shapes, sides = set(), 1.0
     for w, h in _PROBES:
-        x, ops = run_processor(Image.new("RGB", (w, h), (128, 128, 128)), spec)
+        x, ops = _probe_run(Image.new("RGB", (w, h), (128, 128, 128)), spec)
         box, traced = traced_box(w, h, ops)
         if traced != tuple(x.shape[-2:]):
             raise ModelError(f"{spec['class']} resizes or pads in a way saliency cannot trace, so it could not say "
