@@ -183,6 +183,6 @@ def compare(run_a: Path, run_b: Path, *, out: Path | None = None, fail_under: di
 
 def merge(folder: Path) -> dict[str, Any]:
     """`saliency merge`: one manifest.jsonl and run.json from the parts a sharded run wrote (idempotent)."""
-    from saliency_cli.pipeline.merge import merge_folder
+    from saliency_cli.runfolder.parts import merge_folder
 
     return merge_folder(Path(folder))

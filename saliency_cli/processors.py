@@ -10,7 +10,6 @@ when such a config is used.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from typing import Any
@@ -24,6 +23,8 @@ from saliency_cli.errors import ImageError, ModelError
 HF_EXTRA = 'pip install "saliency-cli[hf]"'
 MAX_ASPECT = 64  # longer side over shorter side at most (as data.RESIZE_LIMIT bounds timm's resize)
 _local = threading.local()  # the operations traced in this thread's current processor call
+_built: dict[str, Any] = {}  # processors by their record's JSON text
+_lock = threading.Lock()
 
 
 def import_transformers() -> Any:
@@ -64,10 +65,8 @@ def _ops() -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     return ops
 
 
-@functools.lru_cache(maxsize=8)
-def _processor(spec_json: str) -> Any:
-    """The traced processor of a `{"class", "settings"}` record (JSON text, so that it can be a cache key)."""
-    spec = json.loads(spec_json)
+def _processor(spec: dict[str, Any]) -> Any:
+    """The traced processor of a `{"class", "settings"}` record."""
     transformers = import_transformers()
     from transformers.image_processing_backends import PilBackend
 
@@ -79,8 +78,14 @@ def _processor(spec_json: str) -> Any:
 
 
 def processor_of(spec: dict[str, Any]) -> Any:
-    """The processor a data config's `processor` record describes (cached)."""
-    return _processor(json.dumps(spec, sort_keys=True))
+    """The processor a data config's `processor` record describes (cached by the record's JSON text)."""
+    key = json.dumps(spec, sort_keys=True)
+    with _lock:
+        if key not in _built:
+            if len(_built) >= 8:
+                _built.clear()
+            _built[key] = _processor(spec)
+        return _built[key]
 
 
 def run_processor(img: Image.Image, spec: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[str, Any, Any]]]:

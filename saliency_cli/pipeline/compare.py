@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,9 +27,11 @@ import torch
 
 from saliency_cli.errors import SaliencyError, UsageError
 from saliency_cli.numerics import mean_ci95, spearman
-from saliency_cli.pipeline.runs import Row, RunData, assign_labels, load_map, read_run
 from saliency_cli.render import montage, regions
-from saliency_cli.writers import finite, manifest_parts, write_bytes, write_png
+from saliency_cli.runfolder.comparison import write_comparison
+from saliency_cli.runfolder.folder import Row, RunData, assign_labels, load_map, read_run
+from saliency_cli.runfolder.records import manifest_parts
+from saliency_cli.writers import finite, write_png
 
 GATE_METRICS = ("spearman", "iou")
 STRIP_DIR = "comparison"
@@ -66,7 +67,7 @@ class Pair:
 
     @property
     def key(self) -> str:
-        return str(self.b.record.get("key"))
+        return self.b.record.key
 
     def changed(self) -> tuple[float, float, str, str]:
         """Sort key, most changed first: undefined values first, then by Spearman, then IoU."""
@@ -77,11 +78,10 @@ class Pair:
     def to_json(self) -> dict[str, Any]:
         def side(row: Row) -> dict[str, Any]:
             rec = row.record
-            return {"key": rec.get("key"), "image": rec.get("image"), "method": row.label, "target": rec.get("target"),
-                    "label": rec.get("label"), "score": rec.get("score"), "npy": (rec.get("outputs") or {}).get("npy"),
-                    "overlay": (rec.get("outputs") or {}).get("overlay")}
+            return {"key": rec.key, "image": rec.image, "method": row.label, "target": rec.target,
+                    "label": rec.label, "score": rec.score, "npy": rec.npy, "overlay": rec.overlay}
 
-        return {"key": self.key, "image": self.b.record.get("image"), "sha256": self.b.record.get("sha256"),
+        return {"key": self.key, "image": self.b.record.image, "sha256": self.b.record.sha256,
                 "method": self.method, "spearman": self.spearman, "iou": self.iou, "strip": self.strip,
                 "a": side(self.a), "b": side(self.b)}
 
@@ -151,8 +151,8 @@ def _by_image(run: RunData, by_key: bool) -> dict[tuple[str, str], list[Row]]:
     """The run's rows grouped by (image identity, method label): identity = the file's sha256, or its key."""
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for row in run.rows:
-        sha = row.record.get("sha256")
-        ident = f"key:{row.record.get('key')}" if by_key or not sha else f"sha:{sha}"
+        sha = row.record.sha256
+        ident = f"key:{row.record.key}" if by_key or not sha else f"sha:{sha}"
         groups[(ident, row.label)].append(row)
     return groups
 
@@ -196,17 +196,17 @@ def pair_runs(run_a: RunData, run_b: RunData) -> tuple[list[Pair], list[str], li
             for a, b in _match(rows_a, gb[(ident, label_b)]):
                 pairs.append(Pair(a, b, shown))
                 used.update((id(a), id(b)))
-    only_a = sorted(f"{r.record.get('key')} ({r.label})" for r in run_a.rows if id(r) not in used)
-    only_b = sorted(f"{r.record.get('key')} ({r.label})" for r in run_b.rows if id(r) not in used)
+    only_a = sorted(f"{r.record.key} ({r.label})" for r in run_a.rows if id(r) not in used)
+    only_b = sorted(f"{r.record.key} ({r.label})" for r in run_b.rows if id(r) not in used)
     return pairs, only_a, only_b
 
 
 # -- similarity ---------------------------------------------------------------------------------------------
 def _shape(row: Row) -> tuple[int, int]:
-    shape = row.record.get("map_shape") or []
+    shape = row.record.map_shape or []
     if len(shape) >= 2:
         return int(shape[-2]), int(shape[-1])
-    path = row.run.folder / row.record["outputs"]["npy"]
+    path = row.run.folder / str(row.record.npy)
     try:
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[-2:])  # type: ignore[return-value]
     except (OSError, ValueError) as e:
@@ -303,16 +303,16 @@ def csv_text(pairs: list[Pair]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["key", "image", "method", "spearman", "iou", "target_a", "target_b", "npy_a", "npy_b", "strip"])
     for p in pairs:
-        w.writerow([p.key, p.b.record.get("image"), p.method, "" if p.spearman is None else f"{p.spearman:.6g}",
-                    "" if p.iou is None else f"{p.iou:.6g}", p.a.record.get("target"), p.b.record.get("target"),
-                    p.a.record["outputs"]["npy"], p.b.record["outputs"]["npy"], p.strip or ""])
+        w.writerow([p.key, p.b.record.image, p.method, "" if p.spearman is None else f"{p.spearman:.6g}",
+                    "" if p.iou is None else f"{p.iou:.6g}", p.a.record.target, p.b.record.target,
+                    p.a.record.npy, p.b.record.npy, p.strip or ""])
     return buf.getvalue()
 
 
 def _panel(row: Row, side: str) -> tuple[str, Any] | None:
     from PIL import Image
 
-    overlay = (row.record.get("outputs") or {}).get("overlay")
+    overlay = row.record.overlay
     if not overlay:
         return None
     try:
@@ -321,8 +321,8 @@ def _panel(row: Row, side: str) -> tuple[str, Any] | None:
     except OSError:
         return None
     rec = row.record
-    p = f", p = {rec['score']:.3f}" if isinstance(rec.get("score"), int | float) else ""
-    return f"{side}: {row.run.name} ({row.label})\n{rec.get('label') or rec.get('target')}{p}", image
+    p = f", p = {rec.score:.3f}" if rec.score is not None else ""
+    return f"{side}: {row.run.name} ({row.label})\n{rec.label or rec.target}{p}", image
 
 
 def _regions_panel(pair: Pair, opts: CompareOptions) -> tuple[str, Any]:
@@ -363,9 +363,7 @@ def write_files(cmp: Comparison, opts: CompareOptions) -> dict[str, str]:
     strips = opts.strips
     for pair in cmp.pairs[:strips]:
         pair.strip = write_strip(pair, cmp.out, opts)
-    files = {"json": str(cmp.out / "comparison.json"), "csv": str(cmp.out / "comparison.csv")}
-    write_bytes(Path(files["json"]), json.dumps(cmp.to_json(), indent=2, default=str, allow_nan=False).encode())
-    write_bytes(Path(files["csv"]), csv_text(cmp.pairs).encode())
+    files = write_comparison(cmp.out, cmp.to_json(), csv_text(cmp.pairs))
     files.update({f"strip{i}": str(cmp.out / p.strip) for i, p in enumerate(cmp.pairs[:strips]) if p.strip})
     return files
 

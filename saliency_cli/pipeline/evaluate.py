@@ -30,8 +30,10 @@ from saliency_cli.metrics.localisation import box_region, index_masks, lookup, m
 from saliency_cli.models import LoadedModel, num_classes, resolve_device
 from saliency_cli.numerics import mean_ci95, seeded_generator
 from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
-from saliency_cli.pipeline.evaluation_files import Evaluation, Failure, jsonable, write_reports
-from saliency_cli.pipeline.runs import (
+from saliency_cli.pipeline.shards import resolve_shard
+from saliency_cli.reduce import reduce_channels
+from saliency_cli.runfolder.evaluation import Evaluation, Failure, write_reports
+from saliency_cli.runfolder.folder import (
     LoadedImage,
     Row,
     RunData,
@@ -41,9 +43,9 @@ from saliency_cli.pipeline.runs import (
     read_run,
     reload_model,
 )
-from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import manifest_parts, run_record
+from saliency_cli.runfolder.records import manifest_parts
+from saliency_cli.runfolder.runinfo import has_run_record
+from saliency_cli.writers import jsonable
 
 __all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer",
            "resolve"]
@@ -95,7 +97,7 @@ def _check_inputs(opts: EvaluateOptions) -> None:
     if not opts.runs:
         raise UsageError("give at least one run folder")
     for run in opts.runs:
-        if not manifest_parts(Path(run)) or not run_record(Path(run)).is_file():
+        if not manifest_parts(Path(run)) or not has_run_record(Path(run)):
             raise UsageError(f"{run} is not an explain run folder (no run.json and manifest.jsonl)")
     if opts.baseline not in BASELINES:
         raise UsageError(f"--baseline {opts.baseline!r}: expected one of {', '.join(BASELINES)}")
@@ -224,7 +226,7 @@ class _Session:
             return
         self.failed.add(i)
         self.errors.append({"run": str(row.run.folder), "image": row.image, "method": row.label,
-                            "target": row.record.get("target"), "error": reason})
+                            "target": row.record.target, "error": reason})
 
     def __post_init__(self) -> None:
         self.row_id = {id(row): i for i, row in enumerate(self.all_rows)}
@@ -292,7 +294,7 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     shard = resolve_shard(opts.shard)
     runs = [read_run(Path(r)) for r in opts.runs]
     for run in runs:
-        run.rows = [row for row in run.rows if shard.owns(str(row.record.get("key", "")))]
+        run.rows = [row for row in run.rows if shard.owns(row.record.key)]
     assign_labels(runs)
     if not any(run.rows for run in runs):
         raise UsageError("the runs hold no finished maps to evaluate")
@@ -403,7 +405,7 @@ def _group_regions(s: _Session, group: _Group, device: torch.device) -> tuple[to
     assert s.regions is not None
     regs, has = [], []
     for row, m in zip(group.rows, group.maps, strict=True):
-        entry = lookup(s.regions, row.image, str(row.record.get("key", "")), s.ambiguous)
+        entry = lookup(s.regions, row.image, row.record.key, s.ambiguous)
         li = group.loaded[row.image]
         if entry is None:
             regs.append(np.zeros(m.shape, dtype=bool))
@@ -424,9 +426,9 @@ def _sanity_check(s: _Session, scope: _RunScope, name: str, rows: list[Row], bat
         by_label[row.label].append(j)
     ids, labels = s.ids(rows), [r.label for r in rows]
     for label, js in by_label.items():
-        method = METHODS.get(rows[js[0]].record["method"])
+        method = METHODS.get(rows[js[0]].record.method)
         if method is None:
-            s.warnings.append(f"{name}: method {rows[js[0]].record['method']!r} is not available here; "
+            s.warnings.append(f"{name}: method {rows[js[0]].record.method!r} is not available here; "
                               f"skipped {label}")
             continue
         t0 = time.perf_counter()
@@ -443,7 +445,7 @@ def _sanity_rows(s: _Session, scope: _RunScope, name: str, method: Method, rows:
     check = SANITY_CHECKS[name]
     oracle = scope.oracle
     x, target = batch.x[sel], batch.target[sel]
-    recompute = recomputer(method, rows[0].record.get("params") or {}, oracle, x, target,
+    recompute = recomputer(method, rows[0].record.params, oracle, x, target,
                            [batch.seeds[j] for j in sel.tolist()], scope.ctx)
     result = check.fn(oracle, recompute, lambda: oracle.probabilities(x, target), seed=scope.run.seed,
                       **s.selection.sanity_options[name])
@@ -488,8 +490,8 @@ def _image_rows(s: _Session, names: list[str]) -> tuple[list[dict[str, Any]], di
         if i in s.failed:
             continue
         vals = {n: s.collector.values[i].get(n) for n in names}
-        images.append({"run": str(row.run.folder), "image": row.image, "key": row.record.get("key"),
-                       "method": row.label, "target": row.target, "label": row.record.get("label"),
+        images.append({"run": str(row.run.folder), "image": row.image, "key": row.record.key,
+                       "method": row.label, "target": row.target, "label": row.record.label,
                        "metrics": vals})
         for n in names:
             by_label[row.label][n].append(vals[n])

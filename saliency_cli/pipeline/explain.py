@@ -2,7 +2,7 @@
 -> method(oracle, x, target, generators, ctx) -> reduce -> outputs (writer thread) -> manifest.
 
 `ExplainRun(opts).run()` does one `saliency explain`; each step is one short method, the writing is in
-pipeline/outputs.py, the planning in pipeline/plan.py, the finished-work index in pipeline/resume.py.
+pipeline/outputs.py, the planning in pipeline/plan.py, the finished-work index in runfolder/finished.py.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ from saliency_cli.oracle import (
 from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, prefetch
 from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
-from saliency_cli.pipeline.resume import FinishedIndex
 from saliency_cli.pipeline.shards import resolve_shard
 from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, load_run_model, resolve_run_level, run_device
 from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import RunLock, finite, remove_stray_temporaries, write_json
+from saliency_cli.runfolder.finished import FinishedIndex
+from saliency_cli.runfolder.records import Record
+from saliency_cli.runfolder.runinfo import write_info
+from saliency_cli.writers import RunLock, finite, jsonable, remove_stray_temporaries
 
 MAX_GROUP = 256  # images per group at most (noisegrad's width is 1: a batch size of 1024 would hold 1024 images)
 
@@ -53,12 +55,6 @@ def versions() -> dict[str, str]:
 
     return {"saliency": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": sys.version.split()[0]}
-
-
-def jsonable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 class ExplainRun:
@@ -189,7 +185,7 @@ class ExplainRun:
     def _run_locked(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
         opts = self.opts
         info = self._run_info(items, started)
-        write_json(opts.out / self.shard.run_name(), info)
+        write_info(opts.out, info, self.shard.suffix)
         if self.on_start is not None:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
@@ -207,7 +203,7 @@ class ExplainRun:
                         interrupted=interrupted, batch_size_final=self.oracle.batch_size)
             if self.outputs.echo_broken:
                 info["stopped"] = "stdout closed by its reader"
-            write_json(opts.out / self.shard.run_name(), info)
+            write_info(opts.out, info, self.shard.suffix)
         if self.outputs.echo_broken:
             raise StdoutClosed(f"stdout was closed by its reader; stopped after {sum(info['counts'].values())} "
                                f"records (all in {opts.out}/manifest.jsonl)")
@@ -232,7 +228,7 @@ class ExplainRun:
     def _workers(self) -> int:
         return self.opts.workers or default_workers()
 
-    def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[dict[str, Any]] | None]:
+    def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[Record] | None]:
         return {job.tag: self.finished.get(item.key, job.config_id, digest) for job in self.jobs}
 
     def _loop(self, items: list[InputItem]) -> None:
@@ -307,15 +303,14 @@ class ExplainRun:
         todo = []
         for r, (i, c) in enumerate(rows):
             done = [rec for rec in self.finished.get(group[i].item.key, job.config_id, group[i].digest) or []
-                    if rec.get("target") == c]
+                    if rec.target == c]
             if not done:
                 todo.append(r)
                 continue
             for rec in done:
                 self.outputs.skipped(rec, image=str(group[i].item.path))
-                overlay = (rec.get("outputs") or {}).get("overlay")
-                if overlay:
-                    panels[r].append((job.tag, overlay))
+                if rec.overlay:
+                    panels[r].append((job.tag, rec.overlay))
         return todo
 
     def _run_job(self, job: Job, group: list[Decoded], rows: list[tuple[int, int]], todo: list[int],

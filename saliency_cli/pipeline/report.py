@@ -28,8 +28,11 @@ from urllib.parse import quote
 from PIL import Image
 
 from saliency_cli.errors import UsageError
-from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, assign_labels
-from saliency_cli.writers import finite, manifest_parts, read_manifests, run_record, write_bytes
+from saliency_cli.runfolder.comparison import COMPARISON, read_comparison
+from saliency_cli.runfolder.evaluation import EVALUATION, read_result
+from saliency_cli.runfolder.folder import Row, RunData, assign_labels, read_run
+from saliency_cli.runfolder.records import Record
+from saliency_cli.writers import finite, write_bytes
 
 THUMBS = "thumbs"
 COMPARE_METRICS = ("spearman", "iou")  # comparison.json values shown as metrics of the cells they belong to
@@ -61,53 +64,16 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_records(folder: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every record of a run's manifest parts (`manifest*.jsonl`, shards included), of every status, in file
-    order, and the number of unreadable lines. The one place the report reads records from."""
-    content = read_manifests(folder)
-    return content.records, content.bad_lines
-
-
-def latest_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last record of each (key, method, settings, target), as a re-run appends; an error without a target
-    (the image could not be decoded) is dropped once a later record of that image and job has a target."""
-    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for rec in records:
-        settings = {k: v for k, v in (rec.get("params") or {}).items() if k not in PARAM_NOISE}
-        job = (rec.get("key"), rec.get("method"), json.dumps(settings, sort_keys=True, default=str))
-        if rec.get("target") is not None:
-            latest.pop((*job, None), None)
-        latest[(*job, rec.get("target"))] = rec
-    return list(latest.values())
-
-
-def _read_info(folder: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(run_record(folder).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{folder}/run.json: cannot read it ({e}); is it a `saliency explain` output "
-                         "folder?") from None
-    if not isinstance(info, dict):
-        raise UsageError(f"{folder}/run.json: not a JSON object")
-    return info
-
-
 def open_runs(folders: list[Path]) -> tuple[list[RunData], list[str]]:
-    """The runs with a Row for every latest record (every status), labelled like `evaluate` labels them, and
-    warnings about unreadable manifest lines."""
+    """The runs with a Row for every current record (every status; runfolder.current), labelled like `evaluate`
+    labels them, and warnings about unreadable manifest lines."""
     if not folders:
         raise UsageError("give at least one run folder (see saliency report --help)")
     runs, warnings = [], []
     for folder in folders:
-        if not folder.is_dir() or not manifest_parts(folder):
-            raise UsageError(f"{folder} is not an explain run folder (no manifest.jsonl)")
-        info = _read_info(folder)
-        run = RunData(folder, folder.resolve().name or str(folder), info)
-        records, bad = run_records(folder)
-        run.rows = [Row(run, rec) for rec in latest_records(records)]
-        run.bad_lines = bad
-        if bad:
-            warnings.append(f"{folder}: {bad} unreadable manifest lines skipped")
+        run = read_run(folder, maps_only=False, require_model=False)
+        if run.bad_lines:
+            warnings.append(f"{folder}: {run.bad_lines} unreadable manifest lines skipped")
         runs.append(run)
     assign_labels(runs)
     return runs, warnings
@@ -134,32 +100,30 @@ def _column_order(runs: list[RunData]) -> list[str]:
     for i, run in enumerate(runs):
         asked = list((run.info.get("options") or {}).get("methods") or [])
         for row in run.rows:
-            method = str(row.record.get("method"))
+            method = row.record.method
             pos = asked.index(method) if method in asked else len(asked)
-            noise = (row.record.get("params") or {}).get("noise")
+            noise = row.record.params.get("noise")
             key = (i, pos, method, noise if isinstance(noise, int | float) else -1.0, row.label)
             order[row.label] = min(order.get(row.label, key), key)
     return sorted(order, key=lambda label: order[label])
 
 
-def _row_id(rec: dict[str, Any]) -> tuple[str, str, int]:
-    target = rec.get("target")
-    return str(rec.get("key")), str(rec.get("sha256") or ""), -1 if target is None else int(target)
+def _row_id(rec: Record) -> tuple[str, str, int]:
+    return rec.key, rec.sha256 or "", -1 if rec.target is None else rec.target
 
 
 def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
     rec = row.record
-    outputs = rec.get("outputs") or {}
-    cell: dict[str, Any] = {"s": rec.get("status"), "e": rec.get("error")}
+    cell: dict[str, Any] = {"s": rec.status, "e": rec.error}
     folder = os.fspath(row.run.folder)
-    if outputs.get("overlay"):
-        cell["o"] = link(os.path.join(folder, outputs["overlay"]), out)
-    if outputs.get("npy"):
-        cell["n"] = link(os.path.join(folder, outputs["npy"]), out)
+    if rec.overlay:
+        cell["o"] = link(os.path.join(folder, rec.overlay), out)
+    if rec.npy:
+        cell["n"] = link(os.path.join(folder, rec.npy), out)
     if thumb:
         cell["t"] = thumb
-    if isinstance(rec.get("score"), int | float):
-        cell["p"] = rec["score"]
+    if rec.score is not None:
+        cell["p"] = rec.score
     if values is not None:
         cell["m"] = values
     return cell
@@ -178,14 +142,14 @@ def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[
             ident = _row_id(rec)
             row = rows.get(ident)
             if row is None:
-                row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": str(rec.get("image"))}
+                row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": rec.image}
                 image = r.image
                 if os.path.isfile(image):
                     row["h"] = link(image, out)
-            if row.get("l") is None and rec.get("label") is not None:
-                row["l"] = rec.get("label")
-            if row.get("p") is None and isinstance(rec.get("score"), int | float):
-                row["p"] = rec["score"]
+            if row.get("l") is None and rec.label is not None:
+                row["l"] = rec.label
+            if row.get("p") is None and rec.score is not None:
+                row["p"] = rec.score
             row["c"][str(col[r.label])] = _cell(r, out, thumbs.get(id(r)), metrics.cell(r))
     for row in rows.values():
         statuses = {c["s"] for c in row["c"].values()}
@@ -216,8 +180,8 @@ def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Prog
     jobs: list[tuple[Row, Path, Path]] = []
     for i, run in enumerate(runs):
         for row in run.rows:
-            overlay = (row.record.get("outputs") or {}).get("overlay")
-            if overlay and row.record.get("status") in ("ok", "skipped"):
+            overlay = row.record.overlay
+            if overlay and row.record.status in ("ok", "skipped"):
                 jobs.append((row, run.folder / overlay, out / THUMBS / f"r{i}" / Path(overlay).with_suffix(".jpg")))
     unique = sorted({(src, dst) for _, src, dst in jobs})
     made: dict[Path, str] = {}
@@ -232,15 +196,6 @@ def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Prog
 
 
 # -- metrics (evaluation.json) and comparisons (comparison.json) ---------------------------------------------
-def _load_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        warnings.append(f"{path}: cannot read it ({e})")
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _base_label(label: str, run: RunData) -> str:
     """A method label without the run prefix `assign_labels` (or a multi-run evaluate) put in front of it."""
     for prefix in _prefixes(run.name, str(run.folder)):
@@ -307,11 +262,11 @@ def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings:
     """Every run folder's evaluation.json: per-image metrics attached to rows; returns the summaries to show."""
     shown, seen = [], set()
     for run in runs:
-        path = run.folder / "evaluation.json"
+        path = run.folder / EVALUATION
         if not path.is_file() or path.resolve() in seen:
             continue
         seen.add(path.resolve())
-        data = _load_json(path, warnings)
+        data = read_result(path, warnings)
         if data is None:
             continue
         for name, meta in (data.get("metrics") or {}).items():
@@ -349,7 +304,7 @@ def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
         if not given.is_file():
             raise UsageError(f"--comparison {given}: no such file")
         return [given]
-    found = {(run.folder / "comparison.json").resolve() for run in runs if (run.folder / "comparison.json").is_file()}
+    found = {(run.folder / COMPARISON).resolve() for run in runs if (run.folder / COMPARISON).is_file()}
     return sorted(found)
 
 
@@ -359,7 +314,7 @@ def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics:
     section (summary per method, the most changed pairs with their strips) to show."""
     sections = []
     for path in files:
-        data = _load_json(path, warnings)
+        data = read_comparison(path, warnings)
         if data is None:
             continue
         a, b = data.get("run_a") or {}, data.get("run_b") or {}
@@ -403,12 +358,12 @@ def _short(value: Any) -> str:
 PER_IMAGE = {"seed", "sigma", "noise_absolute"}  # shown as the sigma column (or the run's seed), not settings
 
 
-def shared_settings(records: list[dict[str, Any]]) -> str:
+def shared_settings(records: list[Record]) -> str:
     """The hyper-parameters of a method's records, `k=v, ...`; a value that differs between images (an adaptive
     noise level) as `k=lo to hi`."""
     values: dict[str, list[Any]] = defaultdict(list)
     for rec in records:
-        params = rec.get("params") or {}
+        params = rec.params
         for k, v in params.items():
             if k not in PER_IMAGE and not (k == "noise_relative" and "noise" in params):  # the same number twice
                 values[k].append(v)
@@ -426,24 +381,23 @@ def shared_settings(records: list[dict[str, Any]]) -> str:
 
 def _method_rows(run: RunData) -> list[dict[str, Any]]:
     """Per method label: its shared settings, the absolute noise sigma over images, counts and seconds/image."""
-    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_label: dict[str, list[Record]] = defaultdict(list)
     for row in run.rows:
         by_label[row.label].append(row.record)
     out = []
     for label, recs in by_label.items():
-        ok = [r for r in recs if r.get("status") in ("ok", "skipped")]
+        ok = [r for r in recs if r.status in ("ok", "skipped")]
         settings = shared_settings(ok or recs)
-        sigmas = sorted(float(r["params"]["sigma"]) for r in ok
-                        if isinstance((r.get("params") or {}).get("sigma"), int | float))
-        seconds = [float(r.get("seconds") or 0.0) for r in ok if r.get("status") == "ok"]
+        sigmas = sorted(float(r.params["sigma"]) for r in ok if isinstance(r.params.get("sigma"), int | float))
+        seconds = [r.seconds for r in ok if r.status == "ok"]
         sigma = None
         if sigmas:
             sigma = _short(sigmas[0]) if sigmas[0] == sigmas[-1] else f"{_short(sigmas[0])} to {_short(sigmas[-1])}"
-        out.append({"label": label, "method": recs[0].get("method"),
+        out.append({"label": label, "method": recs[0].method,
                     "settings": settings,
-                    "sigma": sigma, "ok": sum(r.get("status") == "ok" for r in recs),
-                    "skipped": sum(r.get("status") == "skipped" for r in recs),
-                    "error": sum(r.get("status") == "error" for r in recs),
+                    "sigma": sigma, "ok": sum(r.status == "ok" for r in recs),
+                    "skipped": sum(r.status == "skipped" for r in recs),
+                    "error": sum(r.status == "error" for r in recs),
                     "seconds": sum(seconds) / len(seconds) if seconds else None})
     return out
 
@@ -464,7 +418,7 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
     model_text = {k: (Path(v).name if isinstance(v, str) and os.sep in v else v) for k, v in model.items()
                   if k not in ("files", "sha256")}
     sha = model.get("sha256") or {}
-    statuses = [row.record.get("status") for row in run.rows]
+    statuses = [row.record.status for row in run.rows]
     command = info.get("command") or []
     return {
         "name": run.name, "folder": str(run.folder), "link": link(run.folder, out) + "/",
@@ -475,7 +429,7 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
         "display": display_text(opts),
         "versions": _short(info.get("versions") or {}), "started": info.get("started"),
         "finished": info.get("finished"), "interrupted": info.get("interrupted"),
-        "images": len({row.record.get("key") for row in run.rows}),
+        "images": len({row.record.key for row in run.rows}),
         "counts": {s: statuses.count(s) for s in ("ok", "skipped", "error")},
         "methods": _method_rows(run), "bad_lines": run.bad_lines,
     }
@@ -483,9 +437,9 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
 
 def error_list(runs: list[RunData]) -> list[dict[str, Any]]:
     """Every failed map with its reason, sorted by image and method."""
-    errors = [{"run": run.name, "key": str(row.record.get("key")), "image": str(row.record.get("image")),
-               "method": row.label, "error": str(row.record.get("error") or "no reason recorded")}
-              for run in runs for row in run.rows if row.record.get("status") == "error"]
+    errors = [{"run": run.name, "key": row.record.key, "image": row.record.image,
+               "method": row.label, "error": row.record.error or "no reason recorded"}
+              for run in runs for row in run.rows if row.record.status == "error"]
     return sorted(errors, key=lambda e: (e["key"], e["method"], e["run"]))
 
 
@@ -531,8 +485,8 @@ def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Re
     metrics = Metrics()
     for run in runs:
         for row in run.rows:
-            if row.record.get("target") is not None:
-                metrics.index[(str(run.folder), str(row.record.get("key")), int(row.record["target"]),
+            if row.record.target is not None:
+                metrics.index[(str(run.folder), row.record.key, row.record.target,
                                _base_label(row.label, run))] = row
     evaluations = read_evaluations(runs, out, metrics, warnings)
     comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), out, metrics, warnings)
