@@ -289,3 +289,19 @@ def test_attribute_takes_a_transformers_model_and_its_processor(photos, tmp_path
     m = saliency_cli.attribute(model, x, method="gradient", target=1, data_config=cfg, fast=False)
     assert torch.linalg.norm(m[0] - grad) <= 1e-4 * torch.linalg.norm(grad)
     assert math.isfinite(float(m.sum()))
+
+
+def test_prob_score_of_a_multi_label_model_is_its_sigmoid(photos, tmp_path):
+    """score="prob" on a multi-label model differentiates the sigmoid of the class's logit, not a softmax."""
+    import saliency_cli
+
+    folder = tmp_path / "resnet"
+    save_model("resnet", folder)
+    model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    x = processor(images=Image.open(photos / "wide.png").convert("RGB"), return_tensors="pt").pixel_values
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(pixel_values=xr).logits[0, 2].sigmoid(), xr)
+    m = saliency_cli.attribute(model, x, method="gradient", target=2, score="prob", fast=False,
+                               data_config=saliency_cli.data_config_from(processor))
+    assert torch.linalg.norm(m[0] - grad[0]) <= 1e-4 * torch.linalg.norm(grad[0])
