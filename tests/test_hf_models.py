@@ -305,3 +305,23 @@ def test_prob_score_of_a_multi_label_model_is_its_sigmoid(photos, tmp_path):
     m = saliency_cli.attribute(model, x, method="gradient", target=2, score="prob", fast=False,
                                data_config=saliency_cli.data_config_from(processor))
     assert torch.linalg.norm(m[0] - grad[0]) <= 1e-4 * torch.linalg.norm(grad[0])
+
+
+def test_a_run_reloads_its_transformers_model_until_the_weights_change(photos, tmp_path, capsys):
+    """load_model_from_source (what evaluate uses) gives back the run's model and data config from run.json, and
+    refuses once the weights file's bytes changed."""
+    from saliency_cli.errors import ModelError
+    from saliency_cli.models import load_model_from_source
+
+    folder, out = tmp_path / "convnext", tmp_path / "out"
+    save_model("convnext", folder)
+    code, _, err = cli(capsys, "explain", photos / "wide.png", "-m", folder, "-o", out, "--method", "gradient", "-q")
+    assert code == 0, err
+    run = json.loads((out / "run.json").read_text())
+    reloaded = load_model_from_source(run["model"], run["data_config"], "cpu")
+    assert json.loads(json.dumps(reloaded.data_config)) == run["data_config"]
+    own = transformers.AutoModelForImageClassification.from_pretrained(folder).state_dict()
+    assert all(torch.equal(reloaded.module.model.state_dict()[k], v) for k, v in own.items())
+    save_model("convnext", folder, seed=1)
+    with pytest.raises(ModelError, match="changed since the run"):
+        load_model_from_source(run["model"], run["data_config"], "cpu")
