@@ -136,6 +136,8 @@ class Outputs:
         for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
             if key in stats:
                 params[key] = stats.pop(key)
+        if params.get("weight_noise") == "auto" and "weight_noise" in stats:  # calibrated on this image alone
+            params.update(weight_noise=stats.pop("weight_noise"), weight_noise_auto=True)
         rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
                           outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
                           seconds=round(seconds, 4), name=name)
