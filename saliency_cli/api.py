@@ -145,12 +145,14 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
 
 
 def report(runs: list[Path], *, out: Path | None = None, comparison: Path | None = None, page_size: int = 50,
-           thumb_size: int = 160, on_progress: Callable[[int, int], None] | None = None) -> Any:
+           thumb_size: int = 160, on_progress: Callable[[int, int], None] | None = None,
+           images: Path | None = None) -> Any:
     """Run `saliency report`: write out/index.html (default: the first run folder) and out/thumbs/ over explain
     run folders; returns a pipeline.report.Report (the page's path, row, thumbnail and error counts)."""
     from saliency_cli.pipeline.report import ReportOptions, build_report
 
-    opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size)
+    opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size,
+                         images=images)
     return build_report(opts, on_progress)
 
 

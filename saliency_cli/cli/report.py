@@ -27,6 +27,7 @@ def report(
                                                     "(default: any in the run folders)")] = None,
     page_size: Annotated[int, typer.Option(help="Rows a page")] = 50,
     thumb_size: Annotated[int, typer.Option(help="Thumbnail width, pixels")] = 160,
+    images: o.ImagesDir = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -39,7 +40,7 @@ def report(
     progress = Progress("thumbnails", enabled=not (quiet or json_out), unit="thumbnails")
     try:
         result = api.report(list(runs), out=out_dir, comparison=comparison, page_size=page_size,
-                            thumb_size=thumb_size, on_progress=progress.update)
+                            thumb_size=thumb_size, on_progress=progress.update, images=images)
     finally:
         progress.stop()
     for w in result.warnings:

@@ -5,6 +5,7 @@ Files are written atomically (writers.py); a record is appended to the manifest 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -83,7 +84,12 @@ class Outputs:
                **extra: Any) -> Record:
         return Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
                       params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
-                      name=name or job.tag, **extra)
+                      name=name or job.tag, image_rel=self.relative(d.item.path), tag=job.label, **extra)
+
+    def relative(self, image: Path | str) -> str:
+        """The image's path relative to the output folder: how a folder moved together with its images finds
+        them again."""
+        return os.path.relpath(os.path.abspath(image), os.path.abspath(self.out))
 
     def submit_record(self, rec: Record) -> None:
         """Records without files still go through the writer thread, so the manifest keeps one order."""
@@ -93,7 +99,9 @@ class Outputs:
         self.submit_record(self.record(d, job, status="error", error=reason))
 
     def skipped(self, rec: Record, image: str | None = None) -> None:
-        self.submit_record(replace(rec, status="skipped", image=rec.image if image is None else image, seconds=0.0))
+        if image is not None:
+            rec = replace(rec, image=image, image_rel=self.relative(image))
+        self.submit_record(replace(rec, status="skipped", seconds=0.0))
 
     def _emit(self, rec: Record) -> None:
         self.manifest.append(rec)
@@ -121,7 +129,7 @@ class Outputs:
         try:
             if not np.isfinite(m).all():
                 raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
-            write_npy(npy, m.astype(np.float32))
+            npy_sha256 = write_npy(npy, m.astype(np.float32))
             assert d.image is not None and d.box is not None
             image = overlay(self._region(d), m, **self.display)
             write_png(png, image)
@@ -135,7 +143,7 @@ class Outputs:
                 params[key] = stats.pop(key)
         rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
                           outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
-                          seconds=round(seconds, 4), name=name)
+                          seconds=round(seconds, 4), name=name, npy_sha256=npy_sha256)
         rec.params = params
         if stats:
             rec.extra["stats"] = stats
