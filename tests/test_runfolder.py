@@ -49,8 +49,9 @@ def photos(folder: Path, n: int = 3) -> Path:
     return folder
 
 
-def explain(inputs: Path, out: Path, model: Path, samples: int, **extra: object) -> dict:
-    return api.explain(ExplainOptions(inputs=[str(inputs)], out=out, model=str(model), methods=["smoothgrad"],
+def explain(inputs: Path, out: Path, model: Path, samples: int, methods: tuple[str, ...] = ("smoothgrad",),
+            **extra: object) -> dict:
+    return api.explain(ExplainOptions(inputs=[str(inputs)], out=out, model=str(model), methods=list(methods),
                                       hyper={"samples": samples}, device="cpu", **extra))
 
 
@@ -117,6 +118,20 @@ def test_a_rerun_with_other_settings_replaces_the_column_and_tag_keeps_both(tmp_
     assert sorted(ev.summary) == ["smoothgrad", "smoothgrad@two"] and ev.scored == 6
     again = explain(inputs, out, model, 2, tag="two")
     assert again["counts"] == {"ok": 0, "error": 0, "skipped": 3}
+
+
+def test_a_montage_never_shows_a_replaced_map(tmp_path: Path, model: Path) -> None:
+    """A rerun of one of a montage's methods with other settings removes the montage (it showed the old map); a
+    later run of both methods, all skipped, draws it again from the files on disk."""
+    inputs = photos(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    explain(inputs, out, model, 2, methods=("gradient", "smoothgrad"))
+    montage = out / "img0.png.montage.png"
+    assert montage.is_file()
+    explain(inputs, out, model, 3)
+    assert not montage.is_file()
+    again = explain(inputs, out, model, 3, methods=("gradient", "smoothgrad"))
+    assert again["counts"]["skipped"] == 2 and montage.is_file()
 
 
 def test_a_bad_tag_is_a_usage_error() -> None:

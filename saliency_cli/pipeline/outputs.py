@@ -27,6 +27,14 @@ OnRecord = Callable[[dict[str, Any]], None]
 Panel = Future[Image.Image | None] | str  # an overlay being written, or one on disk (relative to --out)
 
 
+def strip_name(key: str, tags: list[str], cls: int | None) -> str:
+    """KEY.montage.png (several methods) or KEY.METHOD.sweep.png (one method, several noise levels)."""
+    levels = {tag.split(".noise")[0] for tag in tags}
+    name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
+        f".class{cls}" if cls is not None else "")
+    return f"{key}.{name}.png"
+
+
 class Outputs:
     """The run's writer thread, manifest and counts. Display options: colormap, alpha, percentile."""
 
@@ -165,6 +173,14 @@ class Outputs:
         (a path relative to --out), so a montage is rewritten whenever any of its panels changes."""
         self._submit(self._write_strip, d, cls, entries)
 
+    def strip_path(self, d: Decoded, cls: int | None, entries: list[tuple[str, Panel]]) -> Path:
+        return self.out / strip_name(d.item.key, [tag for tag, _ in entries], cls)
+
+    def remove_montage(self, d: Decoded, cls: int | None) -> None:
+        """Queue the removal of the image's montage (an earlier run's, showing a map that was just replaced)."""
+        path, _ = self._paths(d, "montage" + (f".class{cls}" if cls is not None else "") + ".png")
+        self._submit(lambda: path.unlink(missing_ok=True))
+
     def _panel(self, panel: Panel) -> Image.Image | None:
         if isinstance(panel, Future):
             return panel.result()
@@ -190,10 +206,7 @@ class Outputs:
                 panels.append((f"{tag}\n{settings_text(rec.get('params'))}", image))
         if len(panels) < 3:
             return
-        levels = {tag.split(".noise")[0] for tag, _ in entries}
-        name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
-            f".class{cls}" if cls is not None else "")
-        path, _ = self._paths(d, name + ".png")
+        path = self.strip_path(d, cls, entries)
         title = montage_title(d.item.key, records[0] if records else None, seed=self.seed, score=self.score,
                               topk=cls is not None)
         write_png(path, strip(panels, title=title))
