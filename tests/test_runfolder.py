@@ -139,8 +139,8 @@ def test_a_bad_tag_is_a_usage_error() -> None:
 
 
 # -- evaluations add up ---------------------------------------------------------------------------------------
-def test_a_later_evaluate_keeps_the_values_of_unchanged_maps_and_drops_changed_ones(tmp_path: Path,
-                                                                                    model: Path) -> None:
+def test_a_later_evaluate_keeps_the_values_of_unchanged_maps_and_drops_changed_ones(tmp_path: Path, model: Path,
+                                                                                    capsys) -> None:
     inputs = photos(tmp_path / "in")
     run = tmp_path / "run"
     explain(inputs, run, model, 2)
@@ -148,6 +148,7 @@ def test_a_later_evaluate_keeps_the_values_of_unchanged_maps_and_drops_changed_o
     evaluate(run, ["noise"])
     data = json.loads((run / "evaluation.json").read_text())
     assert set(data["metrics"]) == {"sparseness", "noise"}
+    assert data["metrics"]["sparseness"]["evaluated_with"]["metrics"] == ["sparseness"]  # its own command's options
     before = {(e["key"], e["method"]): e["metrics"]["sparseness"] for e in first["images"]}
     assert {(e["key"], e["method"]): e["metrics"]["sparseness"] for e in data["images"]} == before
     assert data["summary"]["smoothgrad"]["sparseness"]["mean"] == pytest.approx(
@@ -158,8 +159,10 @@ def test_a_later_evaluate_keeps_the_values_of_unchanged_maps_and_drops_changed_o
     assert header[5:] == ["noise", "sparseness"]
 
     explain(inputs, run, model, 3)  # every map changes
-    ev = evaluate(run, ["noise"])
-    assert any("dropped 3 earlier metric value(s) of 3 map(s)" in w for w in ev.warnings)
+    capsys.readouterr()
+    assert _main(["evaluate", str(run), "--metrics", "noise", "--device", "cpu", "-q"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "dropped" in line]
+    assert len(said) == 1 and "dropped 3 earlier metric value(s) of 3 map(s)" in said[0]
     data = json.loads((run / "evaluation.json").read_text())
     assert set(data["metrics"]) == {"noise"}
     assert all(set(e["metrics"]) == {"noise"} for e in data["images"])

@@ -179,7 +179,9 @@ def carry_over(ev: Evaluation, earlier: dict[str, Any] | None) -> None:
         ev.warnings.append(f"dropped {dropped} earlier metric value(s) of {changed} map(s) that changed or are gone "
                            "since the last evaluate")
     for name in [n for n in meta if kept[n]]:
-        _carry_metric(ev, earlier, name, meta[name], kept[name])
+        # the options of the evaluate that computed it (baseline, device, ...), not this one's
+        with_options = meta[name].get("evaluated_with") or earlier.get("options")
+        _carry_metric(ev, earlier, name, {**meta[name], "evaluated_with": with_options}, kept[name])
 
 
 def _carry_metric(ev: Evaluation, earlier: dict[str, Any], name: str, meta: dict[str, Any],
