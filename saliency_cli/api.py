@@ -106,9 +106,23 @@ def describe_model(model: str = "default", *, checkpoint: str | None = None, dev
     num_classes = class_count(loaded)
     attach_default_labels(loaded, num_classes)
     parameters = sum(p.numel() for p in loaded.module.parameters())
-    return {"model": loaded.source, "data_config": loaded.data_config, "num_classes": num_classes,
-            "labels": "yes" if loaded.labels else "no", "parameters": parameters,
-            "device": str(dev), "versions": versions()}
+    described = {"model": loaded.source, "data_config": loaded.data_config, "num_classes": num_classes,
+                 "labels": "yes" if loaded.labels else "no", "parameters": parameters,
+                 "device": str(dev), "versions": versions()}
+    if loaded.data_config.get("crop_mode") == "processor":
+        from saliency_cli.models import describe_processor
+
+        described["preprocessing"] = describe_processor(loaded.data_config)
+    return described
+
+
+def data_config_from(processor: Any) -> dict[str, Any]:
+    """The data config of a Hugging Face image processor (e.g. `AutoImageProcessor.from_pretrained(folder)`), for
+    `attribute(model, x, data_config=...)` and `explain(model=..., data_overrides=...)`: its input size and the
+    mean and std of its pixel mapping; `data.preprocess` with it runs the processor's PIL backend itself."""
+    from saliency_cli.models import data_config_from as from_processor
+
+    return from_processor(processor)
 
 
 def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str = "fusiongrad",
@@ -129,9 +143,10 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
     device's default, halved on out-of-memory). data_config or bounds: the valid input range, needed for a plain
     module (a timm model and a LoadedModel carry their data config): `{"mean": ..., "std": ...}` per channel, or
     `(lo, hi)` in normalised units. settings: the method's hyper-parameters by name (`samples=50`,
-    `noise=0.15`, `weight_noise="auto"`, ...), checked as the command line checks them; `auto` values are
-    calibrated on the first 16 images of x. score, precision and fast are explain's --score, --precision and
-    --fast (passes on a private copy with BatchNorm folded: the module's maps within float32 rounding).
+    `noise=0.15`, `weight_noise="auto"`, ...), checked as the command line checks them; weight noise `auto`
+    is calibrated on each image alone (stats["weight_noise"] gives each image's s). score, precision and fast
+    are explain's --score, --precision and --fast (passes on a private copy with BatchNorm folded: the module's
+    maps within float32 rounding).
 
     Returns the raw, signed maps (B, C, H, W) float32 on x's device (no channel reduction), and with
     `return_stats` also the per-image stats (each (B,)) that the manifest records.
@@ -145,14 +160,16 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
 
 
 def report(runs: list[Path], *, out: Path | None = None, comparison: Path | None = None, page_size: int = 50,
-           thumb_size: int = 160, on_progress: Callable[[int, int], None] | None = None,
+           thumb_size: int = 160, link: bool = False, on_progress: Callable[[int, int], None] | None = None,
            images: Path | None = None) -> Any:
     """Run `saliency report`: write out/index.html (default: the first run folder) and out/thumbs/ over explain
-    run folders; returns a pipeline.report.Report (the page's path, row, thumbnail and error counts)."""
+    run folders, with copies under out/files/ of the linked files that lie outside `out` (`link`: link them
+    where they are instead); returns a pipeline.report.Report (the page's path, row, thumbnail and error
+    counts)."""
     from saliency_cli.pipeline.report import ReportOptions, build_report
 
     opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size,
-                         images=images)
+                         link=link, images=images)
     return build_report(opts, on_progress)
 
 

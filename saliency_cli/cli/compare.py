@@ -87,6 +87,8 @@ def _print_table(cmp: Any) -> None:
     for method, st in cmp.summary.items():
         table.add_row("[b]mean[/b]", method, _num(st["spearman"]["mean"]), _num(st["iou"]["mean"]))
     err.print(table)
+    for line in cmp.differences.get("sentences", []):  # besides the maps: models, preprocessing, settings
+        err.print(f"note: {line}", markup=False)
     if cmp.only_a or cmp.only_b:
         err.print(f"{len(cmp.only_a)} maps only in {cmp.run_a.folder}, {len(cmp.only_b)} only in {cmp.run_b.folder}",
                   markup=False)

@@ -39,7 +39,8 @@ def choice_enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
 
 
 Model = Annotated[str, typer.Option("--model", "-m", help="'default' (bundled EfficientNet-Lite0), a timm name, "
-                                    "torchvision:NAME, local-dir:PATH, hf-hub:NAME, or a TorchScript/.pt2 file")]
+                                    "torchvision:NAME, local-dir:PATH, hf-hub:NAME, a Hugging Face transformers "
+                                    "folder or transformers:ORG/NAME (cache), or a TorchScript/.pt2 file")]
 Checkpoint = Annotated[str | None, typer.Option(help="Local weights (.safetensors, or a .pth/.pt state dict or "
                                                 "training checkpoint, loaded without unpickling code)")]
 Device = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -98,11 +99,13 @@ class GateFailure:
     bound: float
     count: int
     total: int
+    differences: str = ""  # what else differs between the runs (models, preprocessing, this method's settings)
 
     def message(self) -> str:
         value = "undefined (one map is constant)" if self.value is None else f"{self.value:.3g} < {self.bound:g}"
         more = f" ({self.count} of {self.total} images below {self.bound:g})" if self.count > 1 else ""
-        return f"{self.metric} of {self.method} on {self.image} is {value}{more}"
+        why = f" ({self.differences})" if self.differences else ""
+        return f"{self.metric} of {self.method} on {self.image} is {value}{more}{why}"
 
 
 @dataclass
@@ -120,12 +123,15 @@ class Comparison:
     options: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    differences: dict[str, Any] = field(default_factory=dict)  # `run_differences`
 
     def to_json(self) -> dict[str, Any]:
         def run(r: RunData) -> dict[str, Any]:
-            return {"folder": str(r.folder.resolve()), "name": r.name, "model": r.info.get("model")}
+            return {"folder": str(r.folder.resolve()), "name": r.name, "model": r.info.get("model"),
+                    "data_config": r.info.get("data_config")}
 
         return finite({"run_a": run(self.run_a), "run_b": run(self.run_b), "options": self.options,
+                       "differences": self.differences,
                        "summary": self.summary, "pairs": [p.to_json() for p in self.pairs],
                        "only_a": self.only_a, "only_b": self.only_b, "warnings": self.warnings,
                        "gates": [f.__dict__ | {"message": f.message()} for f in self.failures]})
@@ -200,6 +206,82 @@ def pair_runs(run_a: RunData, run_b: RunData) -> tuple[list[Pair], list[str], li
     only_a = sorted(f"{r.record.key} ({r.label})" for r in run_a.rows if id(r) not in used)
     only_b = sorted(f"{r.record.key} ({r.label})" for r in run_b.rows if id(r) not in used)
     return pairs, only_a, only_b
+
+
+# -- what differs between the runs -------------------------------------------------------------------------
+PER_IMAGE = {"sigma", "noise_absolute", "noise_relative"}  # values a method records per image, not settings
+
+
+def model_identity(source: dict[str, Any]) -> dict[str, Any]:
+    """What says which model a run used: its source without file paths when the files' sha256 are recorded
+    (the same weights read from another folder are the same model)."""
+    if not source.get("sha256"):
+        return dict(source)
+    out = {k: v for k, v in source.items() if k not in ("weights", "files")}
+    if isinstance(out.get("checkpoint"), dict):
+        out["checkpoint"] = {k: v for k, v in out["checkpoint"].items() if k != "path"}
+    return out
+
+
+def model_text(source: dict[str, Any]) -> str:
+    """`resnet18 sha256 ab12cd34..`: the model's name and the first digits of its weights' sha256."""
+    name = str(source.get("name") or source.get("kind") or "model")
+    digests = [str(v) for v in (source.get("sha256") or {}).values()] + \
+        ([str(source["state_dict_sha256"])] if source.get("state_dict_sha256") else [])
+    return f"{name} sha256 {digests[0][:8]}.." if digests else name
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [value in a, value in b]} for the keys whose values differ (None: absent)."""
+    def text(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if text(a.get(k)) != text(b.get(k))}
+
+
+def _label_settings(run: RunData, label: str) -> dict[str, Any] | None:
+    """The settings of a method label's maps (as asked: per-image `auto` values as `auto`, no per-image noise
+    levels), or None when its maps do not all share them."""
+    variants: dict[str, dict[str, Any]] = {}
+    for r in run.rows:
+        if r.label == label:
+            settings = {k: v for k, v in r.record.asked.items() if k not in PER_IMAGE}
+            variants[json.dumps(settings, sort_keys=True, default=str)] = settings
+    return next(iter(variants.values())) if len(variants) == 1 else None
+
+
+def run_differences(run_a: RunData, run_b: RunData, methods: dict[str, str]) -> dict[str, Any]:
+    """What differs between the runs besides the maps: the model (weights sha256 / source), the preprocessing
+    (data config), each compared method's settings; with `sentences`, one line per difference."""
+    ma, mb = run_a.info.get("model") or {}, run_b.info.get("model") or {}
+    out: dict[str, Any] = {"model": None, "data_config": _differing(run_a.info.get("data_config") or {},
+                                                                    run_b.info.get("data_config") or {}),
+                           "methods": {}, "sentences": []}
+    if _differing(model_identity(ma), model_identity(mb)):
+        out["model"] = {"a": model_text(ma), "b": model_text(mb)}
+        out["sentences"].append(f"the runs used different models: A {model_text(ma)}, B {model_text(mb)}")
+    if out["data_config"]:
+        out["sentences"].append("different preprocessing: " + _pairs_text(out["data_config"]))
+    for label_a, label_b in sorted(methods.items()):
+        sa, sb = _label_settings(run_a, label_a), _label_settings(run_b, label_b)
+        if sa is None or sb is None:
+            continue
+        diff = _differing(sa, sb)
+        if diff:
+            shown = label_a if label_a == label_b else f"{label_a} vs {label_b}"
+            out["methods"][shown] = diff
+            out["sentences"].append(f"different settings of {shown}: {_pairs_text(diff)}")
+    return out
+
+
+def _pairs_text(diff: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{k} {_value(a)} vs {_value(b)}" for k, (a, b) in diff.items())
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list | tuple) and all(isinstance(x, int) for x in v):
+        return "x".join(str(x) for x in v)
+    return "none" if v is None else str(v)
 
 
 # -- similarity ---------------------------------------------------------------------------------------------
@@ -384,7 +466,12 @@ def compare_runs(opts: CompareOptions, on_progress: Progress | None = None) -> C
     pairs.sort(key=Pair.changed)
     out = Path(opts.out) if opts.out is not None else Path(opts.run_b)
     options = {"pool": opts.pool, "top": opts.top, "fail_under": opts.fail_under, "magnitude": True}
-    cmp = Comparison(run_a, run_b, pairs, summarise(pairs), only_a, only_b, gates(pairs, opts.fail_under), out,
-                     options, warnings)
+    differences = run_differences(run_a, run_b, _method_map(run_a, run_b))
+    failures = gates(pairs, opts.fail_under)
+    for f in failures:  # a gate that fails says what else changed: the model, the preprocessing, its settings
+        f.differences = "; ".join(t for t in differences["sentences"] if not t.startswith("different settings of")
+                                  or t.startswith(f"different settings of {f.method}:"))
+    cmp = Comparison(run_a, run_b, pairs, summarise(pairs), only_a, only_b, failures, out, options, warnings,
+                     differences=differences)
     cmp.files = write_files(cmp, opts)
     return cmp

@@ -257,6 +257,9 @@ class _Group:
     maps: list[np.ndarray]
 
 
+MISSING_SHOWN = 5  # images named in the warning about images without an object region
+
+
 def _ambiguous_names(rows: list[Row]) -> set[str]:
     distinct = {r.image for r in rows}
     ambiguous = {n for n, c in Counter(Path(i).name for i in distinct).items() if c > 1}
@@ -270,7 +273,8 @@ def run_oracle(run: RunData, model: LoadedModel, device: torch.device, batch_siz
     fast = None
     if (run.info.get("fast") or {}).get("folded"):
         fast, _ = checked_fast_copy(model.module, device, run.info["data_config"].get("input_size"))
-    return GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=auto_backoff, fast=fast)
+    return GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=auto_backoff, fast=fast,
+                          probability=model.probability)
 
 
 def _open_run(run: RunData, opts: EvaluateOptions, device: torch.device, models: dict[str, LoadedModel]
@@ -301,6 +305,9 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     device = resolve_device(opts.device)
     all_rows = [row for run in runs for row in run.rows]
     session = _Session(opts, selection, boxes if boxes is not None else masks, _ambiguous_names(all_rows), all_rows)
+    coverage = region_coverage(session)  # before any work: an ambiguous name in the file stops here
+    if coverage is not None:
+        session.warnings.append(coverage)
     models: dict[str, LoadedModel] = {}
     done = 0
     for run in runs:
@@ -318,12 +325,6 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
             done += len(rows)
             if on_progress is not None:
                 on_progress(done, len(all_rows))
-    if session.regions is not None:
-        values = session.collector.values
-        used = sum(1 for i in range(len(all_rows)) if values[i].get("pointing") is not None
-                   or values[i].get("energy") is not None)
-        if used == 0:
-            session.warnings.append("no image of the runs has an object region in the --boxes/--masks given")
     return _finish(session, runs)
 
 
@@ -405,7 +406,7 @@ def _group_regions(s: _Session, group: _Group, device: torch.device) -> tuple[to
     assert s.regions is not None
     regs, has = [], []
     for row, m in zip(group.rows, group.maps, strict=True):
-        entry = lookup(s.regions, row.image, row.record.key, s.ambiguous)
+        entry = _region_of(s, row)
         li = group.loaded[row.image]
         if entry is None:
             regs.append(np.zeros(m.shape, dtype=bool))
@@ -417,6 +418,32 @@ def _group_regions(s: _Session, group: _Group, device: torch.device) -> tuple[to
             regs.append(box_region(entry, li.box, m.shape))
             has.append(True)
     return torch.from_numpy(np.stack(regs)).to(device), torch.tensor(has, device=device)
+
+
+def _region_of(s: _Session, row: Row) -> Any:
+    """The row's boxes or mask file, by its path as given to explain, absolute path, key or file name."""
+    assert s.regions is not None
+    return lookup(s.regions, row.image, row.record.key, s.ambiguous, row.record.image)
+
+
+def region_coverage(s: _Session) -> str | None:
+    """One warning naming the images without an object region: `boxes for 2 of 6 images; no box for: a.png,
+    b.png, ... (+N more)`, or None when every image has one."""
+    if s.regions is None:
+        return None
+    images: dict[str, Row] = {}
+    for row in s.all_rows:
+        images.setdefault(row.image, row)
+    missing = sorted(row.record.key or row.image for row in images.values()
+                     if _region_of(s, row) is None)
+    if not missing:
+        return None
+    what, one = ("boxes", "box") if s.opts.boxes is not None else ("masks", "mask")
+    if len(missing) == len(images):
+        return f"no image of the runs has an object region in the --{what} given ({len(images)} images)"
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (f", ... (+{len(missing) - MISSING_SHOWN} more)"
+                                                   if len(missing) > MISSING_SHOWN else "")
+    return f"{what} for {len(images) - len(missing)} of {len(images)} images; no {one} for: {shown}"
 
 
 def _sanity_check(s: _Session, scope: _RunScope, name: str, rows: list[Row], batch: Batch) -> None:
@@ -445,7 +472,7 @@ def _sanity_rows(s: _Session, scope: _RunScope, name: str, method: Method, rows:
     check = SANITY_CHECKS[name]
     oracle = scope.oracle
     x, target = batch.x[sel], batch.target[sel]
-    recompute = recomputer(method, rows[0].record.params, oracle, x, target,
+    recompute = recomputer(method, rows[0].record.asked, oracle, x, target,
                            [batch.seeds[j] for j in sel.tolist()], scope.ctx)
     result = check.fn(oracle, recompute, lambda: oracle.probabilities(x, target), seed=scope.run.seed,
                       **s.selection.sanity_options[name])
@@ -463,7 +490,7 @@ def recomputer(method: Method, params: dict[str, Any], oracle: GradientOracle, x
     """A closure recomputing the rows' maps under the model as it is when called, exactly as explain did:
     the recorded hyper-parameters, each image's generator from (run seed, image bytes), the recorded channel
     reduction ('none' -> sum of |.|). Rows go in groups sized like explain's (batch size / method cost)."""
-    hyper = method.hyper_for(params)  # the recorded settings, with a smoother's --base settings
+    hyper = method.hyper_for(params)  # the recorded settings (as asked), with a smoother's --base settings
     how = str(params.get("reduce") or method.reduce)
     cost = max(1, int(method.cost(hyper)))
 

@@ -20,8 +20,8 @@ from typing import IO, Any
 
 import torch
 
-from saliency_cli.data import InputItem, decode, discover, image_seed, input_bounds, preprocess, read_input
-from saliency_cli.errors import ImageError, OutputError, SaliencyError, StdoutClosed, UsageError, first_line
+from saliency_cli.data import InputItem, discover, image_seed, input_bounds
+from saliency_cli.errors import OutputError, SaliencyError, StdoutClosed, UsageError, first_line
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
@@ -38,7 +38,7 @@ from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, 
 from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel, strip_name
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, load_run_model, resolve_run_level, run_device
+from saliency_cli.pipeline.tensors import load_run_model, run_device
 from saliency_cli.reduce import reduce_channels
 from saliency_cli.runfolder.finished import FinishedIndex
 from saliency_cli.runfolder.records import Record
@@ -91,12 +91,12 @@ class ExplainRun:
         batch = opts.batch_size or default_batch_size(self.device)
         fast, self.fast_info = self._fast_model()
         self.oracle = GradientOracle(self.model.module, batch_size=batch, score=opts.score, precision=opts.precision,
-                                     auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile)
+                                     auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile,
+                                     probability=self.model.probability)
         self._check_target()
         bounds = input_bounds(self.model.data_config).to(self.device)
         self.ctx = MethodContext(bounds, seed=opts.seed, scorer=self._scorer)
         self.jobs = make_jobs(opts, METHODS)
-        self.resolved = self._resolve_run_level(items)
         assign_identities(self.jobs, opts, self.model.source, self.model.data_config)
         self.finished = FinishedIndex(opts.out, enabled=not opts.overwrite)
         if self.finished.bad_lines:
@@ -126,27 +126,6 @@ class ExplainRun:
                 maps: torch.Tensor) -> torch.Tensor:
         return score_maps(metric, oracle, x, target, maps, self.ctx.bounds)
 
-    def _resolve_run_level(self, items: list[InputItem]) -> dict[str, Any]:
-        """Run-level values (`--weight-noise auto`) resolved once, by the methods' registered resolvers, on the
-        first readable images of the run; every job then uses the same number."""
-        # the first images of the whole sorted input list, not of this shard: every shard resolves the same value
-        return resolve_run_level(self.jobs, self.oracle, lambda: self._calibration_images(self.everything), self.ctx)
-
-    def _calibration_images(self, items: list[InputItem]) -> torch.Tensor:
-        xs = []
-        for item in items:
-            try:
-                cfg = self.model.data_config
-                xs.append(preprocess(decode(read_input(item.path), max_pixels=self.opts.max_pixels, data_config=cfg),
-                                     cfg)[0])
-            except (OSError, ImageError):
-                continue
-            if len(xs) >= CALIBRATION_IMAGES:
-                break
-        if not xs:
-            raise UsageError("--weight-noise auto needs at least one readable image")
-        return torch.stack(xs).to(self.device)
-
     def _run_info(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
         info = {
             "command": sys.argv, "cwd": os.getcwd(), "versions": versions(), "device": str(self.device),
@@ -157,8 +136,6 @@ class ExplainRun:
         }
         if self.shard.count > 1:
             info.update(shard=self.shard.describe(), inputs_total=len(self.everything))
-        if "weight_noise" in self.resolved:
-            info["weight_noise_auto"] = self.resolved["weight_noise"]
         return info
 
     # -- the run --------------------------------------------------------------------------------------
@@ -172,7 +149,7 @@ class ExplainRun:
         if not everything:
             raise UsageError("no images found in the inputs given")
         self.shard = resolve_shard(opts.shard)
-        self.everything = sorted(everything, key=lambda item: item.key)  # run-level choices see the same list
+        self.everything = everything
         items = [item for item in everything if self.shard.owns(item.key)]
         with contextlib.ExitStack() as stack:
             self._prepare_out()
@@ -189,6 +166,7 @@ class ExplainRun:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
         self.outputs = Outputs(opts.out, seed=opts.seed, score=opts.score, label=self.model.label, display=display,
+                               probability=self.model.probability,
                                on_record=self.on_record, echo=self.echo, overlay_size=opts.overlay_size,
                                manifest_name=self.shard.manifest_name())
         interrupted = True
@@ -281,7 +259,8 @@ class ExplainRun:
         inputs = [d.x for d in group if d.x is not None]
         inputs += [inputs[-1]] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
         x = to_device(torch.stack(inputs), self.device)  # pinned memory and an asynchronous copy on CUDA
-        probs = self.oracle.logits(x).softmax(1)[:len(group)]
+        logits = self.oracle.logits(x)[:len(group)]
+        probs = logits.sigmoid() if self.model.probability == "sigmoid" else logits.softmax(1)
         rows = self._targets(group, probs)
         idx = torch.tensor([i for i, _ in rows], device=self.device)
         target = torch.tensor([c for _, c in rows], device=self.device)

@@ -40,8 +40,9 @@ class Outputs:
 
     def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
                  on_record: OnRecord | None = None, echo: IO[str] | None = None,
-                 manifest_name: str = MANIFEST, overlay_size: int = 2048) -> None:
+                 manifest_name: str = MANIFEST, overlay_size: int = 2048, probability: str = "softmax") -> None:
         self.overlay_size = overlay_size
+        self.probability = probability  # how `score` was taken from the logits: softmax, or sigmoid (multi-label)
         self.out = out
         self.seed = seed
         self.score = score
@@ -90,9 +91,11 @@ class Outputs:
 
     def record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, name: str | None = None,
                **extra: Any) -> Record:
-        return Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
-                      params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
-                      name=name or job.tag, image_rel=self.relative(d.item.path), tag=job.label, **extra)
+        rec = Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
+                     params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
+                     name=name or job.tag, image_rel=self.relative(d.item.path), tag=job.label, **extra)
+        rec.extra["probability"] = self.probability  # what `score` is: a softmax or (multi-label) sigmoid probability
+        return rec
 
     def relative(self, image: Path | str) -> str:
         """The image's path relative to the output folder: how a folder moved together with its images finds
@@ -149,6 +152,8 @@ class Outputs:
         for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
             if key in stats:
                 params[key] = stats.pop(key)
+        if params.get("weight_noise") == "auto" and "weight_noise" in stats:  # calibrated on this image alone
+            params.update(weight_noise=stats.pop("weight_noise"), weight_noise_auto=True)
         rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
                           outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
                           seconds=round(seconds, 4), name=name, npy_sha256=npy_sha256)

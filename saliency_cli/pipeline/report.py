@@ -5,18 +5,23 @@
 
 The page works opened from disk (file://) and makes no network request: the row data is embedded as JSON in a
 `<script type="application/json">` tag, the script and styles are inline, every link is a path relative to the
-report folder. Rows are sorted by (image key, target) and the JSON is written one row per line with sorted keys,
-so two reports of similar runs diff line by line. Sorting, filtering and pagination (50 rows a page by default)
-are a few lines of plain JavaScript in the template (templates/report.html.j2), so 10,000 rows open at once.
+report folder, to a file inside it: the files it links that lie elsewhere are copied (hard-linked where possible)
+under files/ (`Files`), so the folder can be published alone, unless `--link` keeps links to the run folders
+(the page then says so). Rows are sorted by (image key, target) and the JSON is written one row per line with
+sorted keys, so two reports of similar runs diff line by line. Sorting, filtering and pagination (50 rows a page
+by default) are a few lines of plain JavaScript in the template (templates/report.html.j2), so 10,000 rows open
+at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shlex
-from collections import defaultdict
+import shutil
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from saliency_cli.runfolder.records import Record
 from saliency_cli.writers import finite, write_bytes
 
 THUMBS = "thumbs"
+FILES = "files"  # copies of the runs' files that the page links, when the report folder is elsewhere
 COMPARE_METRICS = ("spearman", "iou")  # comparison.json values shown as metrics of the cells they belong to
 COMPARE_HELP = {"spearman": "Spearman rank correlation", "iou": "overlap (IoU) of the top-10 % pixels"}
 Progress = Callable[[int, int], None]
@@ -51,6 +57,7 @@ class ReportOptions:
     page_size: int = 50
     thumb_size: int = 160
     images: Path | None = None  # `--images DIR`: where the runs' images are now (runfolder.folder.RunData.images)
+    link: bool = False  # link the runs' files where they are instead of copying them into `out` (--link)
 
 
 @dataclass
@@ -94,6 +101,90 @@ def link(target: Path | str, base: Path | str) -> str:
     return quote(rel.replace(os.sep, "/"))
 
 
+# -- the files the page links --------------------------------------------------------------------------------
+class Files:
+    """How the page reaches a file it shows or links (overlay, .npy, source image, evaluation.json,
+    comparison.json and strips). A file inside the report folder: a relative link. One outside it: copied under
+    out/files/<run name>/<its path in the run folder> (a hard link where the filesystem allows), so that the
+    report folder can be published alone; with `external` (--link), a relative link to where it is. The source
+    images stay where they are when the report folder is a run folder (the default `report RUN`)."""
+
+    def __init__(self, out: Path, runs: list[RunData], external: bool) -> None:
+        self.out, self.external = out, external
+        self.base = _absolute(os.fspath(out))
+        names = Counter(run.name for run in runs)
+        self.slots = {_absolute(os.fspath(run.folder)): run.name if names[run.name] == 1 else f"{run.name}-{i}"
+                      for i, run in enumerate(runs)}
+        self.images_in_place = self.base in self.slots
+        self.links: dict[str, str] = {}
+        self.copied = 0
+
+    def inside(self, path: str) -> bool:
+        return path == self.base or path.startswith(self.base + os.sep)
+
+    def _where(self, path: str) -> str:
+        """Where under out/files/ a file outside the report folder goes: its run's slot and its path there."""
+        for folder, slot in self.slots.items():
+            if path.startswith(folder + os.sep):
+                return f"{slot}/{path[len(folder) + 1:]}"
+        digest = hashlib.sha256(os.path.dirname(path).encode()).hexdigest()[:8]
+        return f"other/{digest}/{os.path.basename(path)}"
+
+    def link(self, target: Path | str, where: str | None = None) -> str | None:
+        """The page's link to the file `target` (copied first when needed, to `where` under out/files/ if
+        given); None when it must be copied but cannot be read."""
+        path = os.path.normpath(_absolute(os.fspath(target)))
+        if self.external or self.inside(path):
+            return link(path, self.out)
+        if path not in self.links:
+            dst = self.out / FILES / (where or self._where(path))
+            if not publish(Path(path), dst):
+                return None
+            self.copied += 1
+            self.links[path] = link(dst, self.out)
+        return self.links[path]
+
+    def image(self, row: Row) -> str | None:
+        """The link to a row's source image (None: not readable)."""
+        image = row.image
+        if not os.path.isfile(image):
+            return None
+        if self.images_in_place:
+            return link(image, self.out)
+        slot = self.slots.get(_absolute(os.fspath(row.run.folder)), "other")
+        return self.link(image, f"{slot}/images/{row.record.key or Path(image).name}")
+
+    def folder(self, run: RunData) -> str:
+        """The header's link to a run folder: the folder, or its copy under out/files/."""
+        path = _absolute(os.fspath(run.folder))
+        if self.external or self.inside(path):
+            return link(run.folder, self.out) + "/"
+        dst = self.out / FILES / self.slots[path]
+        dst.mkdir(parents=True, exist_ok=True)
+        return link(dst, self.out) + "/"
+
+
+def publish(src: Path, dst: Path) -> bool:
+    """`dst` with the bytes of `src`: a hard link where the filesystem allows, else a copy (its time stamp kept);
+    an existing `dst` of the same size and time is kept. False when `src` cannot be read."""
+    try:
+        st = src.stat()
+        if dst.is_file():
+            dt = dst.stat()
+            if (dt.st_size, dt.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                return True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        return False
+
+
 # -- columns and rows ---------------------------------------------------------------------------------------
 def _column_order(runs: list[RunData]) -> list[str]:
     """Method labels in the order the runs asked for the methods (then noise level, then name)."""
@@ -113,14 +204,14 @@ def _row_id(rec: Record) -> tuple[str, str, int]:
     return rec.key, rec.sha256 or "", -1 if rec.target is None else rec.target
 
 
-def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
+def _cell(row: Row, files: Files, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
     rec = row.record
     cell: dict[str, Any] = {"s": rec.status, "e": rec.error}
     folder = os.fspath(row.run.folder)
-    if rec.overlay:
-        cell["o"] = link(os.path.join(folder, rec.overlay), out)
-    if rec.npy:
-        cell["n"] = link(os.path.join(folder, rec.npy), out)
+    for short, what in (("o", rec.overlay), ("n", rec.npy)):
+        target = files.link(os.path.join(folder, what)) if what else None
+        if target is not None:
+            cell[short] = target
     if thumb:
         cell["t"] = thumb
     if rec.score is not None:
@@ -130,7 +221,7 @@ def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | N
     return cell
 
 
-def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[int, str],
+def build_rows(runs: list[RunData], columns: list[str], files: Files, thumbs: dict[int, str],
                metrics: Metrics) -> list[dict[str, Any]]:
     """One row per (image key, file digest, target): {"k": key, "i": image path, "h": link to the image, "g":
     target, "l": class name, "p": probability, "s": status, "c": {column index: cell}}, each cell {"s": status,
@@ -144,14 +235,14 @@ def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[
             row = rows.get(ident)
             if row is None:
                 row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": rec.image}
-                image = r.image
-                if os.path.isfile(image):
-                    row["h"] = link(image, out)
+                image = files.image(r)
+                if image is not None:
+                    row["h"] = image
             if row.get("l") is None and rec.label is not None:
                 row["l"] = rec.label
             if row.get("p") is None and rec.score is not None:
                 row["p"] = rec.score
-            row["c"][str(col[r.label])] = _cell(r, out, thumbs.get(id(r)), metrics.cell(r))
+            row["c"][str(col[r.label])] = _cell(r, files, thumbs.get(id(r)), metrics.cell(r))
     for row in rows.values():
         statuses = {c["s"] for c in row["c"].values()}
         row["s"] = "error" if "error" in statuses else ("ok" if "ok" in statuses else "skipped")
@@ -269,7 +360,8 @@ class Metrics:
         return [finite(vals.get(n)) for n in self.names]
 
 
-def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings: list[str]) -> list[dict[str, Any]]:
+def read_evaluations(runs: list[RunData], files: Files, metrics: Metrics, warnings: list[str]
+                     ) -> list[dict[str, Any]]:
     """Every run folder's evaluation.json: per-image metrics attached to rows; returns the summaries to show."""
     shown, seen = [], set()
     for run in runs:
@@ -296,17 +388,18 @@ def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings:
         table = [{"name": name, "higher_is_better": bool(meta.get("higher_is_better")), "summary": meta.get("summary"),
                   "cells": [mean_text((summary[label] or {}).get(name)) for label in summary]}
                  for name, meta in (data.get("metrics") or {}).items()]
-        shown.append({"path": link(path, out), "run": run.name, "labels": list(summary), "table": table,
+        shown.append({"path": files.link(path), "run": run.name, "labels": list(summary), "table": table,
                       "gates": [g.get("message") for g in data.get("gates") or []]})
     return shown
 
 
 def mean_text(stat: dict[str, Any] | None) -> str:
-    """`mean ± ci95` of a {"mean", "ci95", "n"} summary, `-` when there is no value."""
+    """`mean ± ci95 (n=N)` of a {"mean", "ci95", "n"} summary (n: the images with a value), `-` when there is
+    no value."""
     if not stat or stat.get("mean") is None:
         return "-"
     text = f"{stat['mean']:.3g}"
-    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "")
+    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "") + f" (n={stat.get('n', 0)})"
 
 
 def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
@@ -319,12 +412,12 @@ def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
     return sorted(found)
 
 
-def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics: Metrics,
+def read_comparisons(runs: list[RunData], paths: list[Path], files: Files, metrics: Metrics,
                      warnings: list[str]) -> list[dict[str, Any]]:
     """Each comparison.json: its values attached to the cells of both runs when they are in the report, and a
     section (summary per method, the most changed pairs with their strips) to show."""
     sections = []
-    for path in files:
+    for path in paths:
         data = read_comparison(path, warnings)
         if data is None:
             continue
@@ -342,11 +435,11 @@ def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics:
                 entry = pair.get(side) or {}
                 metrics.set(run, entry.get("key"), entry.get("target"), entry.get("method"),
                             {shown_name: pair.get(n) for n, shown_name in names.items()}, entry.get("npy_sha256"))
-        shown = [{**p, "strip_link": link(path.parent / p["strip"], out) if p.get("strip") else None}
+        shown = [{**p, "strip_link": files.link(path.parent / p["strip"]) if p.get("strip") else None}
                  for p in pairs[:20]]
         table = [{"label": label, "spearman": mean_text(st.get("spearman")), "iou": mean_text(st.get("iou")),
                   "n": (st.get("spearman") or {}).get("n", 0)} for label, st in (data.get("summary") or {}).items()]
-        sections.append({"path": link(path, out), "a": a, "b": b, "table": table,
+        sections.append({"path": files.link(path), "a": a, "b": b, "table": table,
                          "pairs": shown, "total": len(pairs), "pool": (data.get("options") or {}).get("pool", "?"),
                          "top_pct": f"{100 * float((data.get('options') or {}).get('top', 0.1)):g}",
                          "only_a": len(data.get("only_a") or []), "only_b": len(data.get("only_b") or []),
@@ -421,7 +514,7 @@ def display_text(opts: dict[str, Any]) -> str:
             f"{_short(pct)}th percentile")
 
 
-def run_summary(run: RunData, out: Path) -> dict[str, Any]:
+def run_summary(run: RunData, files: Files) -> dict[str, Any]:
     """What the header says about a run: where, how (command, model, data config, seed, versions), counts."""
     info = run.info
     opts = info.get("options") or {}
@@ -432,7 +525,7 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
     statuses = [row.record.status for row in run.rows]
     command = info.get("command") or []
     return {
-        "name": run.name, "folder": str(run.folder), "link": link(run.folder, out) + "/",
+        "name": run.name, "folder": str(run.folder), "link": files.folder(run),
         "command": shlex.join(["saliency", *command[1:]]) if command else "", "cwd": info.get("cwd"),
         "model": _short(model_text), "model_sha": {k: str(v)[:12] for k, v in sha.items()},
         "data_config": _short(info.get("data_config") or {}), "device": info.get("device"),
@@ -499,17 +592,20 @@ def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Re
             if row.record.target is not None:
                 metrics.index[(str(run.folder), row.record.key, row.record.target,
                                _base_label(row.label, run))] = row
-    evaluations = read_evaluations(runs, out, metrics, warnings)
-    comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), out, metrics, warnings)
+    files = Files(out, runs, external=opts.link)
+    evaluations = read_evaluations(runs, files, metrics, warnings)
+    comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), files, metrics, warnings)
     thumbs = make_thumbnails(runs, out, opts.thumb_size, on_progress)
-    rows = build_rows(runs, columns, out, thumbs, metrics)
+    rows = build_rows(runs, columns, files, thumbs, metrics)
     errors = error_list(runs)
     from saliency_cli import __version__
 
     meta = {"columns": columns, "pageSize": opts.page_size, "thumb": opts.thumb_size,
             "metrics": [{"name": n, "higherIsBetter": metrics.meta[n]["higher_is_better"],
                          "summary": metrics.meta[n]["summary"]} for n in metrics.names]}
-    context = {"runs": [run_summary(run, out) for run in runs], "columns": columns, "metrics": metrics.names,
+    external = opts.link and not all(files.inside(_absolute(os.fspath(run.folder))) for run in runs)
+    context = {"runs": [run_summary(run, files) for run in runs], "columns": columns, "metrics": metrics.names,
+               "external": external,
                "metric_meta": metrics.meta, "evaluations": evaluations, "comparisons": comparisons,
                "errors": errors, "rows": rows, "meta": meta, "n_rows": len(rows), "version": __version__,
                "warnings": warnings, "page_size": opts.page_size}

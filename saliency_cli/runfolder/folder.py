@@ -69,8 +69,8 @@ class RunData:
 
 
 def _settings(record: Record) -> dict[str, Any]:
-    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE)."""
-    return {k: v for k, v in record.params.items() if k not in PARAM_NOISE}
+    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE, per-image `auto`)."""
+    return {k: v for k, v in record.asked.items() if k not in PARAM_NOISE}
 
 
 def image_candidates(row: Row) -> list[Path]:

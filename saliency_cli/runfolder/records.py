@@ -63,6 +63,15 @@ class Record:
     def overlay(self) -> str | None:
         return self.outputs.get("overlay")
 
+    @property
+    def asked(self) -> dict[str, Any]:
+        """The params as the run asked for them: a value calibrated on each image (`weight_noise` with
+        `weight_noise_auto`) is `auto` again, so that every image of one run has the same settings."""
+        out = dict(self.params)
+        if out.pop("weight_noise_auto", False):
+            out["weight_noise"] = "auto"
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """The line's object: the known keys in schema order (`name` only when known), then the others."""
         out = {k: getattr(self, k) for k in ORDER}
