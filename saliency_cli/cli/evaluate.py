@@ -63,6 +63,7 @@ def evaluate(
     fail_over: Annotated[list[str] | None, typer.Option(help="METRIC=VALUE: exit 4 when a method's mean is "
                                                         "above (repeatable)")] = None,
     out_dir: o.OutDir = None,  # type: ignore[assignment]  # None: the first run folder
+    images: o.ImagesDir = None,
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",
     shard: o.ShardOption = None,
@@ -84,7 +85,7 @@ def evaluate(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
-        out=out_dir, shard=shard,
+        out=out_dir, shard=shard, images=images,
     )
     progress = Progress("evaluating", enabled=not (quiet or json_out), unit="maps")
     try:

@@ -74,6 +74,8 @@ def explain(
     overlay_size: Annotated[int, typer.Option(help="Long side of overlays at most, in pixels (huge photos are "
                                               "drawn reduced)")] = 2048,
     report: ReportFlag = False,
+    tag: Annotated[str | None, typer.Option(help="A label for this configuration: its own files (KEY.METHOD@TAG.npy) "
+                                            "and column (METHOD@TAG), beside the untagged ones")] = None,
     shard: o.ShardOption = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
@@ -95,7 +97,7 @@ def explain(
         percentile=percentile, overwrite=overwrite, cheap=cheap,
         data_overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
         stdin_lines=stdin_lines, max_pixels=int(max_pixels), overlay_size=overlay_size, shard=shard,
-        fast=fast, compile=compile_model, workers=workers,
+        fast=fast, compile=compile_model, workers=workers, tag=tag,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
     counts = _run(opts, quiet, json_out)
