@@ -32,8 +32,9 @@ def _version(value: bool) -> None:
 def build_app() -> typer.Typer:
     """A fresh app with every command (the explain options are generated from the settings table as it is now)."""
     from saliency_cli.cli import compare, evaluate, explain, info, merge, methods, report
+    from saliency_cli.cli.help import Command, Group
 
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
 
     @app.callback()
@@ -41,13 +42,13 @@ def build_app() -> typer.Typer:
                                                    help="Print the version and exit")] = False) -> None:
         """Attribution maps (SmoothGrad and its successors) for image classifiers."""
 
-    app.command("explain")(explain.build_command())
-    app.command("methods")(methods.list_methods)
-    app.command("info")(info.info)
-    app.command("evaluate")(evaluate.evaluate)
-    app.command("report")(report.report)
-    app.command("compare")(compare.compare)
-    app.command("merge")(merge.merge)
+    app.command("explain", cls=Command)(explain.build_command())
+    app.command("methods", cls=Command)(methods.list_methods)
+    app.command("info", cls=Command)(info.info)
+    app.command("evaluate", cls=Command)(evaluate.evaluate)
+    app.command("report", cls=Command)(report.report)
+    app.command("compare", cls=Command)(compare.compare)
+    app.command("merge", cls=Command)(merge.merge)
     return app
 
 

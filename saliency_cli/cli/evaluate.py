@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from saliency_cli.cli import complete
 from saliency_cli.cli import options as o
 from saliency_cli.cli.console import Progress, err, listing, warn
 from saliency_cli.errors import ExitCode, UsageError
@@ -49,19 +50,22 @@ def _names(text: str | None, option: str = "--metrics") -> list[str] | None:
 
 def evaluate(
     runs: Runs = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma list of metrics (default: deletion, insertion, "
-                                                "aupc, noise, sparseness, keep, remove; plus pointing, "
-                                                "energy with --boxes/--masks)")] = None,
-    baseline: Annotated[str, typer.Option(help="Infill of removed pixels: blur, mean or black")] = "blur",
-    boxes: Annotated[Path | None, typer.Option(help="Object boxes, JSON or CSV: image -> (left, top, right, "
-                                               "bottom) in original pixels")] = None,
-    masks: Annotated[Path | None, typer.Option(help="Folder of object masks named like the images")] = None,
-    sanity: Annotated[str | None, typer.Option(help="Sanity checks: randomization, perturbation (comma list; "
-                                               "they recompute the maps)")] = None,
-    fail_under: Annotated[list[str] | None, typer.Option(help="METRIC=VALUE: exit 4 when a method's mean is "
-                                                         "below (repeatable)")] = None,
-    fail_over: Annotated[list[str] | None, typer.Option(help="METRIC=VALUE: exit 4 when a method's mean is "
-                                                        "above (repeatable)")] = None,
+    metrics: Annotated[str | None, typer.Option(metavar="NAME[,NAME...]", autocompletion=complete.completer(
+        complete.metric_names, comma_list=True), help="Comma list of metrics (default: deletion, insertion, aupc, "
+        "noise, sparseness, keep, remove; plus pointing, energy with --boxes/--masks)")] = None,
+    baseline: Annotated[str, typer.Option(metavar="NAME", autocompletion=complete.choices(("blur", "mean", "black")),
+                                          help="Infill of removed pixels: blur, mean or black")] = "blur",
+    boxes: Annotated[Path | None, typer.Option(metavar="FILE", help="Object boxes, JSON or CSV: image -> (left, "
+                                               "top, right, bottom) in original pixels")] = None,
+    masks: Annotated[Path | None, typer.Option(metavar="DIR", help="Folder of object masks named like the "
+                                               "images")] = None,
+    sanity: Annotated[str | None, typer.Option(metavar="NAME[,NAME...]", autocompletion=complete.completer(
+        complete.sanity_names, comma_list=True), help="Sanity checks: randomization, perturbation (comma list; "
+        "they recompute the maps)")] = None,
+    fail_under: Annotated[list[str] | None, typer.Option(metavar="METRIC=X", help="Exit 4 when a method's mean "
+                                                         "is below (repeatable)")] = None,
+    fail_over: Annotated[list[str] | None, typer.Option(metavar="METRIC=X", help="Exit 4 when a method's mean "
+                                                        "is above (repeatable)")] = None,
     out_dir: o.OutDir = None,  # type: ignore[assignment]  # None: the first run folder
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",

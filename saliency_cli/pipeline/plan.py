@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saliency_cli import __version__
-from saliency_cli.errors import UsageError
+from saliency_cli.errors import UsageError, unknown
 from saliency_cli.methods.settings import CONVERGENCE_SETTINGS, SETTINGS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -89,7 +89,7 @@ def _check_methods(opts: ExplainOptions, methods: Collection[str]) -> None:
         raise UsageError("--method: give at least one method")
     for name in opts.methods:
         if name not in methods:
-            raise UsageError(f"--method {name!r} is not a method (see `saliency methods`)")
+            raise unknown("--method", "method", name, methods, see="see saliency methods")
     if len(set(opts.methods)) != len(opts.methods):
         raise UsageError("--method lists a method twice")
 
@@ -98,7 +98,7 @@ def _check_choices(opts: ExplainOptions) -> None:
     for option, value, allowed in (("--reduce", opts.reduce, REDUCTIONS), ("--precision", opts.precision, PRECISIONS),
                                    ("--score", opts.score, SCORES)):
         if value is not None and value not in allowed:
-            raise UsageError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
+            raise unknown(option, "value", value, allowed)
     if opts.batch_size is not None and opts.batch_size < 1:
         raise UsageError("--batch-size must be at least 1 (or auto)")
     if not 0 <= opts.alpha <= 1:
@@ -109,7 +109,8 @@ def _check_choices(opts: ExplainOptions) -> None:
         import matplotlib
 
         if opts.colormap not in matplotlib.colormaps:
-            raise UsageError(f"--colormap {opts.colormap!r} is not a matplotlib colormap")
+            raise unknown("--colormap", "colormap", opts.colormap, sorted(matplotlib.colormaps),
+                          see="a matplotlib colormap")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device.strip()):
         raise UsageError(f"--device {opts.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if not str(opts.out).strip():
