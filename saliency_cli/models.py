@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from saliency_cli.errors import ModelError, UsageError
+from saliency_cli.errors import ModelError, UsageError, unknown
 
 DEFAULT_MODEL = "default"
 TORCHVISION_PREFIX = "torchvision:"
@@ -79,11 +79,7 @@ class LoadedModel:
         """The index of a class given by name (exact, case-insensitive, or one of its comma synonyms)."""
         if self.labels is None:
             raise UsageError(f"--target {name!r}: this model has no class names (give --labels FILE)")
-        wanted = name.strip().lower()
-        for i, label in enumerate(self.labels):
-            if label.lower() == wanted or wanted in (s.strip().lower() for s in label.split(",")):
-                return i
-        raise UsageError(f"--target {name!r} is not a class name of this model")
+        return find_class(name, self.labels)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -114,6 +110,21 @@ def imagenet_labels() -> list[str]:
 
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
+
+
+def unknown_class(name: str, labels: list[str]) -> UsageError:
+    """`--target: unknown class 'dgo'; did you mean 'dog'?` over the names and their comma synonyms."""
+    synonyms = [s.strip() for label in labels for s in label.split(",") if s.strip()]
+    return unknown("--target", "class name", name, synonyms, see="see --labels, or give a class index")
+
+
+def find_class(name: str, labels: list[str]) -> int:
+    """The index of a class given by name (exact, case-insensitive, or one of its comma synonyms)."""
+    wanted = name.strip().lower()
+    for i, label in enumerate(labels):
+        if label.lower() == wanted or wanted in (s.strip().lower() for s in label.split(",")):
+            return i
+    raise unknown_class(name, labels)
 
 
 def read_labels(path: str | Path) -> list[str]:
@@ -1126,6 +1137,33 @@ def attach_default_labels(model: LoadedModel, num_classes: int) -> None:
     """ImageNet class names for 1000-class models that have none of their own."""
     if model.labels is None and num_classes == 1000:
         model.labels = imagenet_labels()
+
+
+def labels_before_loading(spec: Any, checkpoint: str | None, options: Mapping[str, Any] | None,
+                          labels_file: str | None) -> list[str] | None:
+    """The class names a model will have, when they are known without building it or reading its weights: a
+    labels file's, or ImageNet's for the bundled model and a timm registry name whose pretrained config has
+    1000 classes (no checkpoint, no --num-classes). None when only loading can tell."""
+    if labels_file is not None:
+        return read_labels(labels_file)
+    if not isinstance(spec, str) or checkpoint is not None:
+        return None
+    opts = dict(options or {})
+    if spec == DEFAULT_MODEL:
+        return imagenet_labels()
+    if opts.get("num_classes") is not None or "num_classes" in (opts.get("model_kwargs") or {}):
+        return None
+    if spec.startswith((TORCHVISION_PREFIX, "local-dir:", "hf-hub:", "hf_hub:")) or Path(spec).exists():
+        return None
+    try:
+        from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
+
+        if not is_model(split_model_name_tag(spec.removeprefix("timm/"))[0]):
+            return None
+        cfg = get_pretrained_cfg(spec.removeprefix("timm/"), allow_unregistered=False)
+    except (RuntimeError, ValueError, ImportError):
+        return None
+    return imagenet_labels() if cfg is not None and cfg.num_classes == 1000 else None
 
 
 # -- load_model ----------------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def _report(e: BaseException, debug: bool) -> int:
             raise e
         err.print(f"saliency: error: {e}", markup=False)
         return int(e.exit_code)
+    if type(e).__name__ == "NoArgsIsHelpError":  # `saliency` alone: the help is printed already
+        return int(ExitCode.OK)
     if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors
         err.print(f"saliency: error: {e.format_message()}", markup=False)
         return int(e.exit_code)

@@ -25,7 +25,8 @@ def compare(
                                           show_default=False)],
     run_b: Annotated[Path, typer.Argument(help="The run folder under review (e.g. after the retrain)",
                                           show_default=False)],
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Where comparison.json, .csv and the strips "
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+                                                help="Where comparison.json, .csv and the strips "
                                                  "go (default: RUN_B)")] = None,
     fail_under: Annotated[list[str] | None, typer.Option(help="spearman=VALUE or iou=VALUE: exit 4 when ANY image's "
                                                          "value for a method is below (per image, not the mean; "
@@ -49,8 +50,8 @@ def compare(
     bounds = parse_bounds(fail_under, "--fail-under")
     progress = Progress("comparing", enabled=not (quiet or json_out), unit="maps")
     try:
-        cmp = api.compare(run_a, run_b, out=out_dir, fail_under=bounds, strips=strips, pool=pool, top=top,
-                          on_progress=progress.update)
+        cmp = api.compare(run_a, run_b, out=o.out_path(out_dir), fail_under=bounds, strips=strips, pool=pool,
+                          top=top, on_progress=progress.update)
     finally:
         progress.stop()
     for w in cmp.warnings:

@@ -66,7 +66,8 @@ def evaluate(
                                                          "is below (repeatable)")] = None,
     fail_over: Annotated[list[str] | None, typer.Option(metavar="METRIC=X", help="Exit 4 when a method's mean "
                                                         "is above (repeatable)")] = None,
-    out_dir: o.OutDir = None,  # type: ignore[assignment]  # None: the first run folder
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=o.OUTPUTS,
+                                                  help="Output folder (default: the first run folder)")] = None,
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",
     shard: o.ShardOption = None,
@@ -88,7 +89,7 @@ def evaluate(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
-        out=out_dir, shard=shard,
+        out=o.out_path(out_dir), shard=shard,
     )
     progress = Progress("evaluating", enabled=not (quiet or json_out), unit="maps")
     try:

@@ -56,8 +56,8 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", rich_help_panel=o.OUTPUT
                                          help="Redo images already finished in --out")]
 Cheap = Annotated[bool, typer.Option("--cheap", rich_help_panel=o.METHOD, help="Each method's cheaper settings "
                                      "(see `saliency methods`); explicit options still win")]
-MaxPixels = Annotated[float, typer.Option(metavar="N", rich_help_panel=o.RUN, show_default="150e6", help="Refuse images of more decoded "
-                                          "pixels (a record says why)")]
+MaxPixels = Annotated[float, typer.Option(metavar="N", rich_help_panel=o.RUN, show_default="150e6",
+                                          help="Refuse images of more decoded pixels (a record says why)")]
 OverlaySize = Annotated[int, typer.Option(metavar="N", rich_help_panel=o.OUTPUTS,
                                           help="Longest side of the overlays, in pixels")]
 ReportFlag = Annotated[bool, typer.Option("--report", rich_help_panel=o.OUTPUTS, help="Also write OUT/index.html, "
@@ -84,7 +84,7 @@ def explain(
     score: Score = "logit",
     reduce: Reduce = None,
     cheap: Cheap = False,
-    out: o.OutDir = Path("saliency_out"),
+    out: o.OutDir = "saliency_out",
     overwrite: Overwrite = False,
     colormap: Colormap = None,
     alpha: Alpha = 0.5,
@@ -112,7 +112,7 @@ def explain(
     noise = hyper.pop("noise", None)
     stdin_lines = sys.stdin.read().splitlines() if "-" in inputs else None
     opts = ExplainOptions(
-        inputs=inputs, out=out, model=model, checkpoint=checkpoint,
+        inputs=inputs, out=o.out_path(out) or Path(), model=model, checkpoint=checkpoint,
         model_options=o.model_options(num_classes, in_chans, img_size, model_kwargs, weights),
         methods=[m.strip() for m in method.split(",") if m.strip()], noise=noise, hyper=hyper, target=target,
         device=device, precision=precision, batch_size=o.parse_batch_size(batch_size), seed=seed,
@@ -124,7 +124,7 @@ def explain(
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
     counts = _run(opts, quiet, json_out)
-    _write_report(out, quiet, enabled=report)
+    _write_report(opts.out, quiet, enabled=report)
     if counts.get("error", 0):
         raise typer.Exit(ExitCode.PARTIAL)
 

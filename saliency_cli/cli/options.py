@@ -66,7 +66,17 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUTS, h
 ShardOption = Annotated[str | None, typer.Option("--shard", metavar="I/N", rich_help_panel=RUN,
                                                  help="This process's share of the inputs (default: from torchrun "
                                                  "or Slurm, else everything)")]
-OutDir = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=OUTPUTS, help="Output folder")]
+OutDir = Annotated[str, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=OUTPUTS, help="Output folder")]
+
+
+def out_path(text: str | None, option: str = "-o/--out") -> Path | None:
+    """An output folder given on the command line (None stays None); empty text is a usage error (Path("") would
+    be the current folder)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError(f"{option}: give a folder (empty text is not one)")
+    return Path(text)
 # Model options: how to build the architecture a checkpoint needs (models.load_model's `options`).
 NumClasses = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=MODEL, show_default=False,
                                                 help="Classes of the model's head, e.g. 10 for a checkpoint "

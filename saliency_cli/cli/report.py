@@ -21,7 +21,8 @@ Runs = Annotated[list[Path], typer.Argument(help="Run folders of `saliency expla
 
 def report(
     runs: Runs,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: the first run "
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+                                                help="Report folder (default: the first run "
                                                  "folder); links to the runs' files are relative to it")] = None,
     comparison: Annotated[Path | None, typer.Option(help="A comparison.json of `saliency compare` to show "
                                                     "(default: any in the run folders)")] = None,
@@ -38,7 +39,7 @@ def report(
 
     progress = Progress("thumbnails", enabled=not (quiet or json_out), unit="thumbnails")
     try:
-        result = api.report(list(runs), out=out_dir, comparison=comparison, page_size=page_size,
+        result = api.report(list(runs), out=o.out_path(out_dir), comparison=comparison, page_size=page_size,
                             thumb_size=thumb_size, on_progress=progress.update)
     finally:
         progress.stop()

@@ -25,7 +25,7 @@ from saliency_cli.errors import ImageError, OutputError, SaliencyError, StdoutCl
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
-from saliency_cli.models import attach_default_labels, num_classes
+from saliency_cli.models import attach_default_labels, find_class, labels_before_loading, num_classes
 from saliency_cli.numerics import seeded_generator
 from saliency_cli.oracle import (
     FastModel,
@@ -39,7 +39,7 @@ from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.resume import FinishedIndex
 from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, load_run_model, resolve_run_level, run_device
+from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, InMemory, load_run_model, resolve_run_level, run_device
 from saliency_cli.reduce import reduce_channels
 from saliency_cli.writers import RunLock, finite, remove_stray_temporaries, write_json
 
@@ -85,18 +85,47 @@ class ExplainRun:
         except OSError as e:
             raise OutputError(f"output folder {out} is not writable ({e.strerror or e})") from None
 
-    def _set_up(self, items: list[InputItem]) -> None:
+    def _check_out(self) -> None:
+        """The output folder can be made and written, checked without creating anything (that waits until the
+        model is loaded and the target checked: a usage error leaves no folder, no lock)."""
+        out = Path(os.path.abspath(self.opts.out))
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output folder {self.opts.out} is not a folder")
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {self.opts.out} is not writable ({existing} is not writable)")
+
+    def _check_known_target(self) -> None:
+        """`--target NAME` or a class index against the class names known before loading (a labels file, or
+        ImageNet's for the bundled model and timm ImageNet models): no weights are read for a typo."""
+        kind, value = parse_target(self.opts.target)
+        if kind not in ("name", "index") or isinstance(self.opts.model, InMemory):
+            return
+        labels = labels_before_loading(self.opts.model, self.opts.checkpoint, self.opts.model_options,
+                                       self.opts.labels_file)
+        if labels is None:
+            return
+        if kind == "name":
+            find_class(value, labels)
+        elif value >= len(labels):
+            raise UsageError(f"--target {value}: the model has {len(labels)} classes (0 to {len(labels) - 1})")
+
+    def _load(self) -> None:
+        """The device, the model, the oracle and the target, before anything is written."""
         opts = self.opts
         self.device = run_device(opts, self.shard.local_rank)
         if opts.precision == "fp16" and self.device.type == "cpu":
             raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        self._prepare_out()
         self.model = load_run_model(opts, self.device)
         batch = opts.batch_size or default_batch_size(self.device)
         fast, self.fast_info = self._fast_model()
         self.oracle = GradientOracle(self.model.module, batch_size=batch, score=opts.score, precision=opts.precision,
                                      auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile)
         self._check_target()
+
+    def _set_up(self, items: list[InputItem]) -> None:
+        """Inside the locked output folder: the jobs, run-level values (`auto`) and the finished work."""
+        opts = self.opts
         bounds = input_bounds(self.model.data_config).to(self.device)
         self.ctx = MethodContext(bounds, seed=opts.seed, scorer=self._scorer)
         self.jobs = make_jobs(opts, METHODS)
@@ -178,6 +207,9 @@ class ExplainRun:
         self.shard = resolve_shard(opts.shard)
         self.everything = sorted(everything, key=lambda item: item.key)  # run-level choices see the same list
         items = [item for item in everything if self.shard.owns(item.key)]
+        self._check_out()
+        self._check_known_target()
+        self._load()
         with contextlib.ExitStack() as stack:
             self._prepare_out()
             stack.enter_context(RunLock(opts.out / f".saliency.lock{self.shard.suffix}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -146,6 +147,16 @@ def _check_smoothers(opts: ExplainOptions, methods: dict[str, Any]) -> None:
             raise UsageError("-n auto needs a fixed --noise with smoothtaylor (not --noise auto)")
 
 
+def _check_inputs(opts: ExplainOptions) -> None:
+    """Every input named (and every path read from stdin for `-`) exists: a usage error before torch loads."""
+    named = [arg for arg in opts.inputs if arg != "-"]
+    if "-" in opts.inputs:
+        named += [line.strip() for line in opts.stdin_lines or [] if line.strip()]
+    for arg in named:
+        if not os.path.lexists(arg):
+            raise UsageError(f"input {arg} does not exist")
+
+
 def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
     """Every check that needs neither torch nor the method objects: method names, choices, numbers, each setting
     against its row of the settings table, the target's syntax. The command line runs it before importing torch."""
@@ -160,6 +171,7 @@ def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
         if key not in SETTINGS:
             raise UsageError(f"unknown setting {key!r} (see `saliency methods`)")
         SETTINGS[key].validate(value)
+    _check_inputs(opts)
 
 
 def _check_combinations(jobs: list[Job]) -> None:
