@@ -51,7 +51,7 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
-        self.bar = RichProgress(TextColumn(self.verb), BarColumn(), MofNCompleteColumn(),
+        self.bar = RichProgress(TextColumn(self.verb), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err)
         self.task = self.bar.add_task(self.verb, total=total, rate="")
         self.bar.start()

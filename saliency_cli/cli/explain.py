@@ -133,7 +133,7 @@ def _run(opts: Any, quiet: bool, json_out: bool) -> dict[str, int]:
     """Run the explain job with a progress bar and one line per failed input; print and return the counts."""
     from saliency_cli.api import explain as run_explain
 
-    progress = Progress("explaining", not (quiet or json_out))
+    progress = Progress("explaining", not (quiet or json_out), unit="images")
     seen: set[str] = set()
 
     def on_record(rec: dict[str, Any]) -> None:
@@ -148,9 +148,9 @@ def _run(opts: Any, quiet: bool, json_out: bool) -> dict[str, int]:
     finally:
         progress.stop()
     counts: dict[str, int] = info["counts"]
-    if not json_out or not quiet:
-        err.print(f"{counts.get('ok', 0)} explained, {counts.get('skipped', 0)} skipped, "
-                  f"{counts.get('error', 0)} failed -> {opts.out}", markup=False)
+    if not json_out or not quiet:  # images as the progress bar counts them, then maps (records)
+        err.print(f"{len(seen)} images, {sum(counts.values())} maps: {counts.get('ok', 0)} explained, "
+                  f"{counts.get('skipped', 0)} skipped, {counts.get('error', 0)} failed -> {opts.out}", markup=False)
     return counts
 
 

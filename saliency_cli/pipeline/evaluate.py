@@ -123,7 +123,8 @@ def _check_names(opts: EvaluateOptions, metrics: list[str], sanity: list[str], r
         if name in SANITY_CHECKS:
             raise UsageError(f"--metrics {name}: {name} is a sanity check; use --sanity {name}")
         if name not in METRICS:
-            raise unknown("--metrics", "metric", name, METRICS, see="see saliency evaluate --list-metrics")
+            raise unknown("--metrics", "metric", name, METRICS,
+                          see="not a metric of saliency evaluate --list-metrics")
         if METRICS[name].needs_regions and not regions:
             raise UsageError(f"{name} needs object regions: give --boxes FILE or --masks DIR")
     for name in sanity:
@@ -131,8 +132,8 @@ def _check_names(opts: EvaluateOptions, metrics: list[str], sanity: list[str], r
             raise unknown("--sanity", "sanity check", name, SANITY_CHECKS)
     for name in [*opts.fail_under, *opts.fail_over]:
         if name not in METRICS and name not in SANITY_CHECKS:
-            raise unknown("--fail-under/--fail-over", "metric or sanity check", name, [*METRICS, *SANITY_CHECKS],
-                          see="see saliency evaluate --list-metrics")
+            raise unknown("--fail-under/--fail-over", "metric or sanity check to gate on", name,
+                          [*METRICS, *SANITY_CHECKS], see="see saliency evaluate --list-metrics")
     for name in opts.metric_options:
         if name not in METRICS:
             raise UsageError(f"options for {name!r}: not a metric")
