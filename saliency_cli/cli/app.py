@@ -84,6 +84,17 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+COMPLETE_VAR = "_SALIENCY_COMPLETE"
+
+
+def _completion_instruction() -> None:
+    """Typer's completion scripts send `complete_bash` (instruction_shell); Click's order `bash_complete` (as
+    Click's own scripts and docs have it) is accepted too."""
+    shell, _, instruction = os.environ.get(COMPLETE_VAR, "").partition("_")
+    if shell in ("bash", "zsh", "fish") and instruction in ("complete", "source"):
+        os.environ[COMPLETE_VAR] = f"{instruction}_{shell}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every outcome into one exit code."""
     import signal
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:  # library warnings (Pillow, torch, numpy) are not for the user; SALIENCY_DEBUG=1 shows them
         warnings.simplefilter("ignore")
     signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: whole files only, run.json finalised, exit 143
+    _completion_instruction()
     command = typer.main.get_command(build_app())
     try:
         code = command.main(args=argv, prog_name="saliency", standalone_mode=False)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from saliency_cli.cli import options as o
-from saliency_cli.cli.console import Progress, err, warn
+from saliency_cli.cli.console import Progress, err, table, warn
 from saliency_cli.cli.evaluate import parse_bounds
 from saliency_cli.errors import ExitCode
 
@@ -75,19 +75,14 @@ def _num(v: Any) -> str:
 
 def _print_table(cmp: Any) -> None:
     """The most changed pairs first (TABLE_ROWS of them), then the per-method means."""
-    from rich.table import Table
-
-    table = Table(title=f"saliency compare: {cmp.run_a.name} -> {cmp.run_b.name}, most changed first "
-                        f"(Spearman of pooled |map|; IoU of the top {100 * cmp.options['top']:g} %)")
-    for col, justify in (("image", "left"), ("method", "left"), ("spearman", "right"), ("iou", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for p in cmp.pairs[:TABLE_ROWS]:
-        table.add_row(p.key, p.method, _num(p.spearman), _num(p.iou))
+    rows = [[p.key, p.method, _num(p.spearman), _num(p.iou)] for p in cmp.pairs[:TABLE_ROWS]]
     if len(cmp.pairs) > TABLE_ROWS:
-        table.add_row(f"... {len(cmp.pairs) - TABLE_ROWS} more in comparison.csv", "", "", "")
-    for method, st in cmp.summary.items():
-        table.add_row("[b]mean[/b]", method, _num(st["spearman"]["mean"]), _num(st["iou"]["mean"]))
-    err.print(table)
+        rows.append([f"... {len(cmp.pairs) - TABLE_ROWS} more in comparison.csv", "", "", ""])
+    rows += [["mean", method, _num(st["spearman"]["mean"]), _num(st["iou"]["mean"])]
+             for method, st in cmp.summary.items()]
+    table(err, f"saliency compare: {cmp.run_a.name} -> {cmp.run_b.name}, most changed first (Spearman of pooled "
+          f"|map|; IoU of the top {100 * cmp.options['top']:g} %)", ["image", "method", "spearman", "iou"], rows,
+          right=(2, 3))
     if cmp.only_a or cmp.only_b:
         err.print(f"{len(cmp.only_a)} maps only in {cmp.run_a.folder}, {len(cmp.only_b)} only in {cmp.run_b.folder}",
                   markup=False)

@@ -14,7 +14,7 @@ import typer
 
 from saliency_cli.cli import complete
 from saliency_cli.cli import options as o
-from saliency_cli.cli.console import Progress, err, listing, warn
+from saliency_cli.cli.console import Progress, err, listing, table, warn
 from saliency_cli.errors import ExitCode, UsageError
 
 Runs = Annotated[list[Path] | None, typer.Argument(help="Run folders of `saliency explain` (several: compared side "
@@ -151,15 +151,9 @@ def comparison_rows(ev: Any) -> tuple[list[str], list[list[str]]]:
 
 
 def _print_table(ev: Any) -> None:
-    from rich.table import Table
-
     header, rows = comparison_rows(ev)
-    table = Table(title="saliency evaluate: mean ± 95 % CI over images (↑ higher is better, ↓ lower; * best)")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    err.print(table)
+    table(err, "saliency evaluate: mean ± 95 % CI over images (↑ higher is better, ↓ lower; * best)", header, rows,
+          right=tuple(range(1, len(header))))
 
 
 def _metric_cells(r: dict[str, Any]) -> list[str]:
