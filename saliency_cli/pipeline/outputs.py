@@ -17,7 +17,17 @@ from saliency_cli.data import visible_region
 from saliency_cli.errors import OutputError, first_line
 from saliency_cli.pipeline.decode import Decoded
 from saliency_cli.pipeline.plan import Job
-from saliency_cli.render import input_caption, montage_title, overlay, settings_text, strip
+from saliency_cli.render import (
+    TITLE_KEY,
+    input_caption,
+    montage_title,
+    overlay,
+    overlay_title,
+    settings_text,
+    strip,
+    with_title,
+    without_title,
+)
 from saliency_cli.writers import Manifest, finite, write_npy, write_png
 
 OnRecord = Callable[[dict[str, Any]], None]
@@ -121,17 +131,6 @@ class Outputs:
         name = job.tag + (f".class{cls}" if topk else "")
         npy, npy_rel = self._paths(d, name + ".npy")
         png, png_rel = self._paths(d, name + ".png")
-        try:
-            if not np.isfinite(m).all():
-                raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
-            write_npy(npy, m.astype(np.float32))
-            assert d.image is not None and d.box is not None
-            image = overlay(self._region(d), m, **self.display)
-            write_png(png, image)
-        except Exception as e:  # noqa: BLE001
-            self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
-                                   score=prob))
-            return None
         params = self.params(job)
         for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
             if key in stats:
@@ -142,8 +141,20 @@ class Outputs:
         rec["params"] = params
         if stats:
             rec["stats"] = stats
+        try:
+            if not np.isfinite(m).all():
+                raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
+            write_npy(npy, m.astype(np.float32))
+            assert d.image is not None and d.box is not None
+            image = overlay(self._region(d), m, **self.display)
+            titled = with_title(image, overlay_title(d.item.key, rec, job.tag, topk=topk))
+            write_png(png, titled, {TITLE_KEY: str(titled.height - image.height)})
+        except Exception as e:  # noqa: BLE001
+            self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
+                                   score=prob))
+            return None
         self._emit(rec)
-        return image
+        return image  # without its title: a montage panel has its own caption
 
     def _region(self, d: Decoded) -> Image.Image:
         """The part of the image the model saw, reduced to at most `overlay_size` on its long side (a 48 MP photo's
@@ -165,7 +176,7 @@ class Outputs:
             return panel.result()
         try:
             with Image.open(self.out / panel) as im:
-                return im.convert("RGB")
+                return without_title(im).convert("RGB")
         except OSError:
             return None
 
