@@ -57,6 +57,27 @@ class ImageError(SaliencyError):
     """One input image cannot be used; recorded in the manifest, the run goes on."""
 
 
+SIGNALS: list[int] = []  # SIGINT / SIGTERM this process received (the command line's handlers note them here)
+
+
+def on_signal(signum: int, frame: object = None) -> None:
+    """The command line's SIGINT and SIGTERM handler: note the signal, then raise as Python would (SIGTERM as
+    `Terminated`). A library that swallows the exception (a bare `except` around an import) cannot lose the
+    signal: `raise_if_signalled` raises it again at the next safe point, and the exit code says it."""
+    import signal
+
+    SIGNALS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_signalled() -> None:
+    """At a safe point of a long run: raise the interrupt of a signal received earlier and swallowed."""
+    if SIGNALS:
+        import signal
+
+        raise Terminated() if signal.SIGTERM in SIGNALS else KeyboardInterrupt()
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """`TypeName: first line of the message` (cut to `limit` characters): how a failure is recorded."""
     text = str(e).strip().splitlines()

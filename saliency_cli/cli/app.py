@@ -74,16 +74,6 @@ def _report(e: BaseException, debug: bool) -> int:
     return int(ExitCode.FATAL)
 
 
-_SIGNALS: list[int] = []  # SIGTERM received (Typer turns the interrupt it raises into exit 130: tell them apart)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    from saliency_cli.errors import Terminated
-
-    _SIGNALS.append(signum)
-    raise Terminated()
-
-
 COMPLETE_VAR = "_SALIENCY_COMPLETE"
 
 
@@ -96,35 +86,34 @@ def _completion_instruction() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn every outcome into one exit code."""
+    """Entry point: run the app and turn every outcome into one exit code. A SIGINT or SIGTERM at any moment
+    exits 130 or 143, even one a library swallowed while being imported (errors.on_signal notes each)."""
     import signal
     import warnings
 
+    from saliency_cli.errors import SIGNALS, Terminated, on_signal, raise_if_signalled
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # like Ctrl-C: whole files only, run.json finalised, exit 143
     from saliency_cli.cli.console import err
-    from saliency_cli.errors import Terminated
 
     debug = os.environ.get("SALIENCY_DEBUG") == "1"
     if not debug:  # library warnings (Pillow, torch, numpy) are not for the user; SALIENCY_DEBUG=1 shows them
         warnings.simplefilter("ignore")
-    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: whole files only, run.json finalised, exit 143
     _completion_instruction()
-    command = typer.main.get_command(build_app())
     try:
+        command = typer.main.get_command(build_app())
+        raise_if_signalled()
         code = command.main(args=argv, prog_name="saliency", standalone_mode=False)
-        if code == ExitCode.INTERRUPTED and _SIGNALS:  # Typer turns any interrupt inside a command into 130
-            code = ExitCode.TERMINATED
-            err.print("saliency: terminated", markup=False)
-        elif code == ExitCode.INTERRUPTED:
-            err.print("saliency: interrupted", markup=False)
     except typer.Exit as e:
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort) as e:  # click wraps a KeyboardInterrupt in Abort
-        if _SIGNALS or isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
-            err.print("saliency: terminated", markup=False)
-            code = ExitCode.TERMINATED
-        else:
-            err.print("saliency: interrupted", markup=False)
-            code = ExitCode.INTERRUPTED
+        terminated = isinstance(e, Terminated) or isinstance(e.__cause__, Terminated)
+        code = ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and an exit code
         code = _report(e, debug)
-    sys.exit(int(code) if isinstance(code, int) else 0)
+    code = int(code) if isinstance(code, int) else 0
+    if SIGNALS or code == ExitCode.INTERRUPTED:  # Typer turns any interrupt inside a command into 130
+        code = ExitCode.TERMINATED if signal.SIGTERM in SIGNALS else ExitCode.INTERRUPTED
+        err.print("saliency: terminated" if code == ExitCode.TERMINATED else "saliency: interrupted", markup=False)
+    sys.exit(code)

@@ -21,7 +21,15 @@ from typing import IO, Any
 import torch
 
 from saliency_cli.data import InputItem, decode, discover, image_seed, input_bounds, preprocess, read_input
-from saliency_cli.errors import ImageError, OutputError, SaliencyError, StdoutClosed, UsageError, first_line
+from saliency_cli.errors import (
+    ImageError,
+    OutputError,
+    SaliencyError,
+    StdoutClosed,
+    UsageError,
+    first_line,
+    raise_if_signalled,
+)
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
@@ -210,6 +218,7 @@ class ExplainRun:
         self._check_out()
         self._check_known_target()
         self._load()
+        raise_if_signalled()  # a Ctrl-C swallowed while a library was imported: stop before anything is made
         with contextlib.ExitStack() as stack:
             self._prepare_out()
             stack.enter_context(RunLock(opts.out / f".saliency.lock{self.shard.suffix}"))
@@ -277,6 +286,7 @@ class ExplainRun:
             group: list[Decoded] = []
             work = lambda item: decode_item(item, cfg, self._finished_jobs, self.opts.max_pixels)  # noqa: E731
             for d in prefetch(items, work, decoders, window=max(4, workers, 2 * group_size)):
+                raise_if_signalled()
                 self.outputs.check()
                 if self.outputs.echo_broken:
                     return
