@@ -39,6 +39,12 @@ PAPER = "Goh, Lapuschkin, Weber, Samek, Binder 2021, ICPR 2020, arXiv:2004.10484
 # The reference's default is 0.5 absolute in normalised units. For ImageNet-normalised images the range
 # max(x) - min(x) is about 4.7 (at most 4.758), so the relative equivalent is 0.5 / 4.7 = 0.106.
 TAYLOR_NOISE = 0.106
+ADAPTIVE_MAX_STEPS = 20
+ADAPTIVE_EVALUATIONS = 2 * ADAPTIVE_MAX_STEPS + 1  # candidates scored at most: the start, then 2 a step
+# Forward passes per image of one scoring by each objective at its metric's default options (metrics/: `noise`,
+# AUTVC, needs none; `aupc` perturbs regions + 1 = 31 times). A method never imports the metrics; the registry
+# contract test counts the passes of the real scorer against the declared cost.
+SCORER_PASSES = {"noise": 0, "aupc": 31}
 
 
 def smoothtaylor_at(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor,
@@ -105,12 +111,6 @@ def _samples(hyper: dict[str, Any]) -> int:
     return int(hyper["max_samples"] if hyper["samples"] == "auto" else hyper["samples"])
 
 
-ADAPTIVE_MAX_STEPS = 20
-ADAPTIVE_EVALUATIONS = 2 * ADAPTIVE_MAX_STEPS + 1  # candidates scored at most: the start, then 2 a step
-# Forward passes per image of one scoring by each objective at its metric's default options (metrics/: `noise`,
-# AUTVC, needs none; `aupc` perturbs regions + 1 = 31 times). A method never imports the metrics; the registry
-# contract test counts the passes of the real scorer against the declared cost.
-SCORER_PASSES = {"noise": 0, "aupc": 31}
 
 
 def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, unit: torch.Tensor,
