@@ -129,9 +129,10 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
     device's default, halved on out-of-memory). data_config or bounds: the valid input range, needed for a plain
     module (a timm model and a LoadedModel carry their data config): `{"mean": ..., "std": ...}` per channel, or
     `(lo, hi)` in normalised units. settings: the method's hyper-parameters by name (`samples=50`,
-    `noise=0.15`, `weight_noise="auto"`, ...), checked as the command line checks them; `auto` values are
-    calibrated on the first 16 images of x. score, precision and fast are explain's --score, --precision and
-    --fast (passes on a private copy with BatchNorm folded: the module's maps within float32 rounding).
+    `noise=0.15`, `weight_noise="auto"`, ...), checked as the command line checks them; weight noise `auto`
+    is calibrated on each image alone (stats["weight_noise"] gives each image's s). score, precision and fast
+    are explain's --score, --precision and --fast (passes on a private copy with BatchNorm folded: the module's
+    maps within float32 rounding).
 
     Returns the raw, signed maps (B, C, H, W) float32 on x's device (no channel reduction), and with
     `return_stats` also the per-image stats (each (B,)) that the manifest records.
@@ -145,12 +146,15 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
 
 
 def report(runs: list[Path], *, out: Path | None = None, comparison: Path | None = None, page_size: int = 50,
-           thumb_size: int = 160, on_progress: Callable[[int, int], None] | None = None) -> Any:
+           thumb_size: int = 160, link: bool = False, on_progress: Callable[[int, int], None] | None = None) -> Any:
     """Run `saliency report`: write out/index.html (default: the first run folder) and out/thumbs/ over explain
-    run folders; returns a pipeline.report.Report (the page's path, row, thumbnail and error counts)."""
+    run folders, with copies under out/files/ of the linked files that lie outside `out` (`link`: link them
+    where they are instead); returns a pipeline.report.Report (the page's path, row, thumbnail and error
+    counts)."""
     from saliency_cli.pipeline.report import ReportOptions, build_report
 
-    opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size)
+    opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size,
+                         link=link)
     return build_report(opts, on_progress)
 
 
@@ -169,6 +173,6 @@ def compare(run_a: Path, run_b: Path, *, out: Path | None = None, fail_under: di
 
 def merge(folder: Path) -> dict[str, Any]:
     """`saliency merge`: one manifest.jsonl and run.json from the parts a sharded run wrote (idempotent)."""
-    from saliency_cli.pipeline.merge import merge_folder
+    from saliency_cli.runfolder.parts import merge_folder
 
     return merge_folder(Path(folder))

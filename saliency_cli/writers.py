@@ -1,4 +1,4 @@
-"""Output files: .npy maps, .png images and the manifest, each written atomically (temp file + rename)."""
+"""Writing files atomically (temp file + rename): .npy maps, .png images, bytes, JSON; the output folder's lock."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import os
 import re
 import socket
 import tempfile
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,6 +109,11 @@ def finite(value: Any) -> Any:
     return value
 
 
+def jsonable(value: Any) -> Any:
+    """`value` as JSON would read it back (tuples as lists, paths and other objects as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def write_npy(path: Path, array: np.ndarray) -> None:
     _atomic(path, lambda f: np.save(f, array, allow_pickle=False), ".npy")
 
@@ -133,117 +136,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=2, default=str).encode())
-
-
-REQUIRED = {"image": str, "key": str, "status": str, "method": str}
-STATUSES = ("ok", "error", "skipped")
-
-
-def valid_record(rec: Any) -> bool:
-    """A manifest line that a reader can use: an object with the required keys of the right types, a known
-    status, `outputs` an object of strings and `target` an integer or null."""
-    if not isinstance(rec, dict):
-        return False
-    if any(not isinstance(rec.get(k), t) for k, t in REQUIRED.items()) or rec["status"] not in STATUSES:
-        return False
-    outputs = rec.get("outputs", {})
-    if outputs is not None and (not isinstance(outputs, dict) or not all(isinstance(v, str) for v in outputs.values())):
-        return False
-    target = rec.get("target")
-    return target is None or (isinstance(target, int) and not isinstance(target, bool))
-
-
-class Manifest:
-    """Appends one JSON line per record, flushed and fsynced; the caller writes a record after its files exist.
-
-    A record is sanitised (NaN/Inf -> null) rather than refused, so no record is ever lost; a manifest whose last
-    line was torn by a crash gets a newline first, so the next record starts on a line of its own.
-    """
-
-    def __init__(self, path: Path, echo: IO[str] | None = None) -> None:
-        self.path = path
-        self.echo = echo
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
-        if self._file.tell() > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    self._file.write(b"\n")
-        self.echo_broken = False
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(finite(record), default=str, allow_nan=False)
-        with self._lock:
-            self._file.write(line.encode("utf-8") + b"\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            if self.echo is not None and not self.echo_broken:
-                try:
-                    self.echo.write(line + "\n")
-                    self.echo.flush()
-                except (BrokenPipeError, ValueError):  # `| head` closed the pipe: the manifest still has it all
-                    self.echo_broken = True
-
-    def close(self) -> None:
-        self._file.close()
-
-
-@dataclass
-class ManifestContent:
-    """The usable records of one or more manifest parts, in order, and how many lines were not usable."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    bad_lines: int = 0
-    parts: list[Path] = field(default_factory=list)
-
-
-def manifest_parts(folder: Path) -> list[Path]:
-    """Every manifest part of a run folder: `manifest.jsonl` and the shards' `manifest.shard-*.jsonl`."""
-    return sorted(p for p in folder.glob("manifest*.jsonl") if p.is_file())
-
-
-def run_record(folder: Path) -> Path:
-    """The run record of a run folder: `run.json`, or for a sharded run not merged yet the first shard's
-    `run.shard-I-of-N.json` (every shard records the same model, data config and options)."""
-    whole = folder / "run.json"
-    if whole.is_file():
-        return whole
-    parts = sorted(folder.glob("run.shard-*.json"))
-    return parts[0] if parts else whole
-
-
-def read_manifests(folder: Path) -> ManifestContent:
-    """The records of every manifest part of `folder` (see `read_manifest`)."""
-    content = ManifestContent()
-    for part in manifest_parts(folder):
-        one = read_manifest(part)
-        content.records.extend(one.records)
-        content.bad_lines += one.bad_lines
-        content.parts.append(part)
-    return content
-
-
-def read_manifest(path: Path) -> ManifestContent:
-    """The valid records of one manifest file. Torn, non-UTF-8, non-object or malformed lines (see
-    `valid_record`) are skipped and counted, never fatal."""
-    content = ManifestContent(parts=[path])
-    if not path.is_file():
-        return content
-    for raw in path.read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            content.bad_lines += 1
-            continue
-        if valid_record(rec):
-            content.records.append(rec)
-        else:
-            content.bad_lines += 1
-    return content
 
 
 class RunLock:

@@ -116,17 +116,18 @@ def test_attribute_gives_exactly_the_cli_gradient(cli_run):
                                               ("fusiongrad", {"samples": 4, "models": 2, "weight_noise": "auto"})])
 def test_attribute_with_the_seeds_the_cli_derived_gives_its_stochastic_maps(cli_run, method, settings):
     """Each image's generator seed is `image_seed(params.seed, sha256)` from its manifest record (fusiongrad's
-    noisy models also draw from the run seed itself, and its weight noise `auto` is calibrated on the same
-    images by the same resolver)."""
+    noisy models also draw from the run seed itself, and its weight noise `auto` is calibrated on each image
+    alone by the same code: the s of each record is the s the API reports for that image)."""
     out, checkpoint, records = cli_run
     model = load_model("test_resnet", checkpoint=str(checkpoint), overrides={"input_size": (3, 32, 32)})
     expected, rows = cli_maps(out, records, method)
     seeds = [image_seed(r["params"]["seed"], r["sha256"]) for r in rows]
-    maps = api.attribute(model, images_tensor(model), method=method, seed=rows[0]["params"]["seed"],
-                         image_seeds=seeds, **settings)
+    maps, stats = api.attribute(model, images_tensor(model), method=method, seed=rows[0]["params"]["seed"],
+                                image_seeds=seeds, return_stats=True, **settings)
     np.testing.assert_allclose(maps.numpy(), expected, rtol=0, atol=1e-6 * float(np.abs(expected).max()))
     if "weight_noise" in settings:
-        assert rows[0]["params"]["weight_noise"] == json.loads((out / "run.json").read_text())["weight_noise_auto"]
+        assert [r["params"]["weight_noise"] for r in rows] == stats["weight_noise"].tolist()
+        assert all(r["params"]["weight_noise_auto"] is True for r in rows)
     other = api.attribute(model, images_tensor(model), method=method, seed=7, image_seeds=[1, 2], **settings)
     assert not np.allclose(other.numpy(), expected)
 

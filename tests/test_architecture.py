@@ -13,9 +13,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "saliency_cli"
 # Layers from the top: a module may import its own package and anything in a lower layer.
-LAYERS = [{"__main__"}, {"cli"}, {"api"}, {"pipeline"}, {"methods", "metrics"}, {"oracle", "models", "render"},
-          {"data", "reduce", "writers"}, {"numerics"}, {"errors"}]
+LAYERS = [{"__main__"}, {"cli"}, {"api"}, {"pipeline"}, {"runfolder"}, {"methods", "metrics"},
+          {"oracle", "models", "render"}, {"data", "reduce", "writers"}, {"numerics"}, {"errors"}]
 LOWEST = {"__init__"}  # the package's own version module
+# Inside saliency_cli.models, from the top: the entry point, the sources, then what they share.
+MODEL_LAYERS = [{"__init__"}, {"loader"}, {"in_memory"}, {"default", "timm_source", "programs"},
+                {"torchvision_source"}, {"labels", "fitting"}, {"checkpoints", "outputs", "data_config"},
+                {"provenance", "loaded"}, {"messages"}]
 
 
 def module_name(path: Path) -> str:
@@ -63,7 +67,7 @@ def layer(name: str) -> int:
 
 
 def test_every_module_is_in_a_layer():
-    """A new top-level module must be placed in the layer table above (and so in the README's layout)."""
+    """A new top-level module must be placed in the layer table above (and so in docs/ARCHITECTURE.md's layout)."""
     for name in modules():
         layer(name)
 
@@ -78,6 +82,23 @@ def test_imports_only_go_down():
             if same_package and top(name) in ("methods", "metrics") or dep == "saliency_cli":
                 continue
             if not same_package and layer(dep) <= layer(name) and top(dep) not in LOWEST:
+                bad.append(f"{name} -> {dep}")
+    assert not bad, bad
+
+
+def test_models_modules_import_only_down():
+    """Each module of the models package is in MODEL_LAYERS and imports only modules of lower layers there; the
+    package itself is imported by none of them."""
+    def model_layer(name: str) -> int:
+        part = name.split(".")[2] if name.count(".") >= 2 else "__init__"
+        return next(i for i, group in enumerate(MODEL_LAYERS) if part in group)
+
+    bad = []
+    for name, deps in graph().items():
+        if top(name) != "models":
+            continue
+        for dep in deps:
+            if top(dep) == "models" and model_layer(dep) <= model_layer(name):
                 bad.append(f"{name} -> {dep}")
     assert not bad, bad
 
@@ -118,6 +139,49 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+# JSON parsed outside the run folder's owner: other files than run-folder files, each with its reason
+OTHER_JSON = {
+    "saliency_cli.models": "model config, labels and checkpoint metadata files (the package's modules)",
+    "saliency_cli.metrics.localisation": "--boxes files",
+    "saliency_cli.cli.options": "the --model-kwargs value",
+    "saliency_cli.writers": "jsonable(): its own json.dumps read back",
+}
+RUN_FOLDER_FILES = ("manifest", ".jsonl", "run.json", "run.shard", "evaluation.json", "comparison.json")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def test_only_the_runfolder_reads_manifests_and_run_records():
+    """No module outside saliency_cli/runfolder/ parses JSON (json.load/json.loads) but for the files listed in
+    OTHER_JSON, and none names a run-folder file (manifest*.jsonl, run.json, run.shard-*, evaluation.json,
+    comparison.json) as a file name in code (docstrings and messages aside): every reader goes through runfolder."""
+    bad = []
+    for name, path in modules().items():
+        if top(name) == "runfolder":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = _docstrings(tree)
+        formatted = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in ("load", "loads")
+                    and isinstance(node.value, ast.Name) and node.value.id == "json"
+                    and not any(name == k or name.startswith(k + ".") for k in OTHER_JSON)):
+                bad.append(f"{name}:{node.lineno} json.{node.attr}")
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                    and id(node) not in formatted and not any(c.isspace() for c in node.value)
+                    and any(f in node.value for f in RUN_FOLDER_FILES)):
+                bad.append(f"{name}:{node.lineno} {node.value!r}")
+    assert not bad, bad
 
 
 def _calls(path: Path) -> set[str]:

@@ -148,12 +148,13 @@ def test_compare_table_shows_every_image_and_number_in_full(monkeypatch):
                           run_b=SimpleNamespace(name="after", folder="after"), options={"top": 0.1}, pairs=pairs,
                           summary={"smoothgrad+integrated-gradients": {"spearman": {"mean": 0.51},
                                                                         "iou": {"mean": None}}},
-                          only_a=[], only_b=[])
+                          only_a=[], only_b=[], differences={"sentences": ["the runs used different models"]})
     text = printed(monkeypatch, compare, compare._print_table, cmp)
     check_fits(text)
     tokens = words(text)
     assert all(p.key in tokens for p in pairs) and "smoothgrad+integrated-gradients" in tokens
     assert {"0.500", "0.510", "0.520", "undefined"} <= tokens
+    assert "note: the runs used different models" in text
 
 
 # -- completion (Typer's protocol, as the scripts of --show-completion call it) ------------------------------

@@ -144,7 +144,7 @@ def test_overwriting_the_checkpoint_or_the_labels_redoes_the_work(tmp_path, imag
     """A rerun into the same folder skips what is done; overwriting the checkpoint with other weights (same path)
     redoes every image with other maps; so does changing the labels file. The model is loaded, and the
     checkpoint hashed, once per run."""
-    import saliency_cli.models as models
+    import saliency_cli.models.provenance as models
     import saliency_cli.pipeline.tensors as tensors
 
     loads: list[str] = []

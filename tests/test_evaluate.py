@@ -329,11 +329,13 @@ def test_gates_name_metric_and_method_and_fail_closed() -> None:
 
 def test_method_labels_tell_settings_and_runs_apart(tmp_path: Path) -> None:
     """A noise sweep gets one label per level; a method present in two runs is prefixed by the run's name."""
-    from saliency_cli.pipeline.runs import Row, RunData, assign_labels
+    from saliency_cli.runfolder.folder import Row, RunData, assign_labels
+    from saliency_cli.runfolder.records import Record
 
     def run(name: str, params: list[dict[str, object]]) -> RunData:
         r = RunData(tmp_path / name, name, {})
-        r.rows = [Row(r, {"method": "smoothgrad", "params": {**p, "seed": 0, "sigma": 0.1 * i}})
+        r.rows = [Row(r, Record(image=f"{i}.png", key=f"{i}.png", status="ok", method="smoothgrad",
+                                params={**p, "seed": 0, "sigma": 0.1 * i}))
                   for i, p in enumerate(params)]
         return r
 
@@ -416,7 +418,7 @@ def test_sanity_checks_recompute_the_runs_maps(real_runs: tuple[Path, Path], tmp
     # The recomputation on the clean model reproduces the stored maps (same settings, same noise, same model).
     from saliency_cli.data import input_bounds
     from saliency_cli.pipeline.evaluate import run_oracle
-    from saliency_cli.pipeline.runs import load_image, read_run, reload_model
+    from saliency_cli.runfolder.folder import load_image, read_run, reload_model
 
     data = read_run(run)
     model = reload_model(data, torch.device("cpu"), {})
@@ -424,9 +426,9 @@ def test_sanity_checks_recompute_the_runs_maps(real_runs: tuple[Path, Path], tmp
     oracle = run_oracle(data, model, torch.device("cpu"), int(data.info["batch_size"]))
     for row in data.rows:
         img = load_image(row, data.info["data_config"], torch.device("cpu"))
-        again = recomputer(METHODS[row.record["method"]], row.record["params"], oracle, img.x[None],
+        again = recomputer(METHODS[row.record.method], row.record.params, oracle, img.x[None],
                            torch.tensor([row.target]), [img.seed], MethodContext(bounds))()[0]
-        stored = torch.from_numpy(np.load(run / row.record["outputs"]["npy"]))
+        stored = torch.from_numpy(np.load(run / str(row.record.npy)))
         # equal within float32 rounding as this network amplifies it: recomputed one image at a time, where explain
         # ran a padded group of 4, so other kernels' rounding moves a few ReLU6 inputs across the kink (3e-4 here;
         # another noise draw would differ by tens of per cent)

@@ -84,10 +84,10 @@ def test_registrations_carry_defaults_cost_and_display() -> None:
     # by issue 12; noisegrad and fusiongrad display the reference's mean of per-model abs-sum maps by default.
     auto = {"converge": 0.95}
     expected = {  # name: (defaults, passes per image at the defaults, default reduce)
-        "noisegrad": ({"weight_noise": "auto", "models": 10, "base": "gradient", **auto, "max_samples": 50}, 10,
-                      "mean-abs-sum"),
+        "noisegrad": ({"weight_noise": "auto", "models": 10, "base": "gradient", **auto, "max_samples": 50},
+                      10 + 91, "mean-abs-sum"),  # 91: the per-image calibration of `auto` (1 + 9 steps x 10 models)
         "fusiongrad": ({"weight_noise": "auto", "models": 10, "noise": 0.085, "samples": 10, "noise_unit": "relative",
-                        "base": "gradient", **auto, "max_samples": 50}, 100, "mean-abs-sum"),
+                        "base": "gradient", **auto, "max_samples": 50}, 100 + 91, "mean-abs-sum"),
         "adaptgrad": ({"confidence": 0.95, "samples": 50, "base": "gradient", **auto, "max_samples": 400}, 51,
                       "abs-sum"),
         "smoothtaylor": ({"noise": 0.106, "samples": 150, "objective": "noise", "noise_unit": "relative", **auto,
@@ -272,14 +272,35 @@ def test_a_model_without_parameters_is_refused_not_silently_unperturbed() -> Non
         run("noisegrad", frozen, images(1), (1,), weight_noise=0.2, models=2)
 
 
-def test_weight_noise_auto_is_the_calibrated_value_on_the_batch() -> None:
-    """weight_noise='auto' equals the map at s = calibrate_weight_noise on the same images and seed."""
+def test_weight_noise_auto_is_calibrated_on_each_image_alone() -> None:
+    """weight_noise='auto' gives each image the map at s = calibrate_weight_noise on that image alone (same seed):
+    the same bytes alone and beside other images, and the s used is reported per image."""
     model, x = tiny_cnn(), images(3)
-    s = calibrate_weight_noise(GradientOracle(model, batch_size=16), x, seed=CTX.seed)
-    auto = run("noisegrad", model, x, (1, 2, 3), weight_noise="auto", models=2)
-    explicit = run("noisegrad", model, x, (1, 2, 3), weight_noise=s, models=2)
-    assert s > 0
-    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+    oracle = GradientOracle(model, batch_size=16)
+    s = [calibrate_weight_noise(oracle, x[i:i + 1], seed=CTX.seed) for i in range(3)]
+    assert all(v > 0 for v in s) and len(set(s)) > 1  # the images need different noise here
+    auto = METHODS["noisegrad"].fn(oracle, x, torch.arange(3) % CLASSES, generators=gens(1, 2, 3), ctx=CTX,
+                                   weight_noise="auto", models=2)
+    assert auto.stats["weight_noise"].tolist() == s
+    for i in range(3):
+        explicit = run("noisegrad", model, x[i:i + 1], (i + 1,), target=torch.tensor([i % CLASSES]),
+                       weight_noise=s[i], models=2)
+        torch.testing.assert_close(auto.maps[i:i + 1], explicit, rtol=0, atol=0)
+    alone = run("noisegrad", model, x[2:], (3,), target=torch.tensor([2]), weight_noise="auto", models=2)
+    torch.testing.assert_close(auto.maps[2:], alone, rtol=0, atol=0)
+
+
+def test_weight_noise_auto_cost_counts_the_calibration_passes() -> None:
+    """The declared cost at `auto` is the passes the oracle counts: the clean pass, then 10 noisy models at
+    each of ceil(log2(ln(4 / 1e-6) / ln 1.05)) = 9 bisection steps, plus the method's own passes."""
+    assert math.ceil(math.log2(math.log(4 / 1e-6) / math.log(1.05))) == 9
+    for name, hyper in (("noisegrad", {"models": 2}), ("fusiongrad", {"models": 2, "samples": 3})):
+        method = METHODS[name]
+        hyper = method.hyper_for({**hyper, "weight_noise": "auto"})
+        oracle = GradientOracle(tiny_cnn(), batch_size=64)
+        method.fn(oracle, images(2), torch.tensor([1, 2]), generators=gens(1, 2), ctx=CTX, **hyper)
+        own = 2 if name == "noisegrad" else 6
+        assert oracle.passes == 2 * (1 + 9 * 10 + own) == 2 * method.cost(hyper)
 
 
 def test_weight_noise_must_be_a_number_or_auto() -> None:

@@ -18,8 +18,8 @@ NAMES = sorted(METHODS)
 # Counts that only make a method slower, capped so that every method runs in a fraction of a second here; the
 # properties tested do not depend on them.
 SMALL = {"samples": 3, "steps": 4, "models": 2, "iterations": 3, "chains": 2}
-# Settings the pipeline resolves once per run before it calls a method (api.py: `--weight-noise auto` is
-# calibrated on all the run's images), so a method never sees them per batch.
+# `auto` settings replaced by a number in most tests here, to keep them quick (`--weight-noise auto` calibrates on
+# each image: over a hundred forward passes); the cost of each auto is checked on its own below.
 RUN_LEVEL = {"weight_noise": 0.05}
 ALL = 1_000_000  # an oracle batch size that takes everything at once
 SEEDS = [101, 202, 303]
@@ -204,17 +204,19 @@ def always_better(ctx: MethodContext) -> MethodContext:
 
 
 def auto_variants(name: str) -> list[dict]:
-    """Each `auto` a method offers per image, one at a time, on the capped settings: a sample or model count
-    with a correlation target no map reaches (so it runs to its cap, 12 samples or 4 models: the declared cost
-    is that cap's), and smoothtaylor's adaptive noising under each objective. Run-level values (weight noise
-    auto) are resolved by the pipeline before the method runs, so a method's cost never includes them."""
+    """Each `auto` a method offers, one at a time, on the capped settings: a sample or model count with a
+    correlation target no map reaches (so it runs to its cap, 12 samples or 4 models: the declared cost is that
+    cap's), the weight noise calibrated on the image, and smoothtaylor's adaptive noising under each objective."""
     from saliency_cli.methods.settings import OBJECTIVES, SETTINGS
 
     method = METHODS[name]
     hyper = settings(method)
     variants = []
     for key in method.defaults:
-        if not SETTINGS[key].auto or key in RUN_LEVEL:
+        if not SETTINGS[key].auto:
+            continue
+        if key == "weight_noise":
+            variants.append({**hyper, key: "auto"})
             continue
         if key == "noise":
             if name == "smoothtaylor":
@@ -231,6 +233,7 @@ def test_every_auto_setting_is_covered():
     covered = {name for name in NAMES if auto_variants(name)}
     assert {"smoothgrad", "smoothgrad-sq", "vargrad", "adaptgrad", "noisegrad", "fusiongrad", "smoothtaylor"} <= covered
     assert len(auto_variants("smoothtaylor")) == 3  # -n auto and the adaptive noising under both objectives
+    assert len(auto_variants("noisegrad")) == 2  # --models auto, --weight-noise auto
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if auto_variants(n)])

@@ -126,15 +126,18 @@ def test_help_needs_no_torch(command):
 # -- in a real browser --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium via the system chromedriver; fails (never skips) when they are not installed."""
+    """Headless Chromium via the system chromedriver, or the reason it cannot start (a str): each test then fails
+    (never skips, and is no setup error) saying what to install."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail(f"Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}): `apt-get install -y chromium "
-                    "chromium-driver` (CI's .ci/run installs them)")
+        yield (f"Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}): run `sudo apt-get install -y chromium "
+               "chromium-driver` (bash scripts/test.sh installs them when run as root)")
+        return
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.fail("selenium is not installed: pip install -e '.[test]'")
+        yield "selenium is not installed: pip install -e '.[test]'"
+        return
     previous = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download a driver or a browser
     opts = webdriver.ChromeOptions()
@@ -150,6 +153,11 @@ def browser():
         os.environ.pop("SE_OFFLINE", None)
     else:
         os.environ["SE_OFFLINE"] = previous
+
+
+def _need(browser) -> None:
+    if isinstance(browser, str):
+        pytest.fail(browser)
 
 
 def _open(driver, page: Path) -> None:
@@ -174,6 +182,7 @@ def _row_keys(driver) -> list[str]:
 def test_the_page_in_chromium(run_dir, tmp_path, browser):
     """Opened from disk: thumbnails loaded, only file:// requests, no console error; sorting by a metric orders
     the rows by it (reversed on a second click); the filter narrows the rows; the screenshot is not blank."""
+    _need(browser)
     page = api.report([run_dir], out=tmp_path / "rep").path
     _open(browser, page)
     widths = browser.execute_script("return [...document.images].map(i => i.complete ? i.naturalWidth : 0)")
@@ -238,6 +247,7 @@ def _synthetic_run(folder: Path, source: Path, n: int) -> None:
 def test_ten_thousand_rows_open_in_under_two_seconds(run_dir, tmp_path, browser):
     """10,000 images x 3 methods with two metrics each: the page is drawn (first 50 rows, thumbnails) in < 2 s
     from navigation start, and sorting all rows by a metric takes well under a second."""
+    _need(browser)
     run = tmp_path / "big"
     _synthetic_run(run, run_dir, 10_000)
     started = time.perf_counter()

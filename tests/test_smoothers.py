@@ -91,10 +91,11 @@ def test_base_gradient_leaves_the_maps_bit_for_bit_as_before(name: str) -> None:
     saved = torch.load(REFERENCE, weights_only=True)
     model, x = cnn(), images(2)
     result, _ = run(name, model, x, TARGET, (21, 22), **HYPER[name])
-    if saved["torch_version"] == torch.__version__:
+    if (saved["torch_version"], saved.get("cpu")) == (torch.__version__, torch.backends.cpu.get_cpu_capability()):
         assert torch.equal(result.maps, saved[name])
-    else:  # another torch may round differently; the definition must still agree
-        torch.testing.assert_close(result.maps, saved[name], rtol=1e-5, atol=1e-6)
+    else:  # another torch or CPU rounds differently (AMD and Intel kernels differ in the last bits: seen 5e-8 of
+        # the map's largest value); the definition must still agree to float32 rounding
+        torch.testing.assert_close(result.maps, saved[name], rtol=1e-6, atol=1e-6 * float(saved[name].abs().max()))
     if "base" in METHODS[name].defaults:
         explicit, _ = run(name, model, x, TARGET, (21, 22), base="gradient", **HYPER[name])
         assert torch.equal(explicit.maps, result.maps)

@@ -80,13 +80,13 @@ def test_a_class_index_known_only_after_loading_is_checked_before_the_folder_is_
 def test_target_names_of_imagenet_models_are_checked_without_building_the_model(tmp_path, monkeypatch, capsys,
                                                                                  target, words, model):
     """The bundled model and a timm ImageNet name: the error comes before any model is built."""
-    from saliency_cli import models
     from saliency_cli.cli.app import main
+    from saliency_cli.models import loader
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(models, "_build", refuse)
+    monkeypatch.setattr(loader, "_build", refuse)
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", CAT, "-o", str(tmp_path / "out"), "--device", "cpu", "-m", model, "--target", target])
     assert exit_info.value.code == 2

@@ -83,6 +83,8 @@ def _print_table(cmp: Any) -> None:
     table(err, f"saliency compare: {cmp.run_a.name} -> {cmp.run_b.name}, most changed first (Spearman of pooled "
           f"|map|; IoU of the top {100 * cmp.options['top']:g} %)", ["image", "method", "spearman", "iou"], rows,
           right=(2, 3))
+    for line in cmp.differences.get("sentences", []):  # besides the maps: models, preprocessing, settings
+        err.print(f"note: {line}", markup=False)
     if cmp.only_a or cmp.only_b:
         err.print(f"{len(cmp.only_a)} maps only in {cmp.run_a.folder}, {len(cmp.only_b)} only in {cmp.run_b.folder}",
                   markup=False)

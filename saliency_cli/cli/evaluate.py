@@ -129,12 +129,12 @@ def _fmt(stat: dict[str, Any] | None) -> str:
     text = f"{stat['mean']:.3f}"
     if stat.get("ci95") is not None:
         text += f" ± {stat['ci95']:.3f}"
-    return text
+    return text + f" (n={stat.get('n', 0)})"  # the images this value is over (e.g. those with a box)
 
 
 def comparison_rows(ev: Any) -> tuple[list[str], list[list[str]]]:
     """The comparison table as text: header (metric, then one column per method) and one row per metric,
-    each cell `mean ± ci95`, the best method's cell marked with `*`."""
+    each cell `mean ± ci95 (n=images with a value)`, the best method's cell marked with `*`."""
     higher_is_better = ev.higher_is_better
     labels = list(ev.summary)
     header = ["metric", *labels]
@@ -145,15 +145,13 @@ def comparison_rows(ev: Any) -> tuple[list[str], list[list[str]]]:
         best = (max(means) if higher_is_better(n) else min(means)) if len(means) > 1 else None
         cells = [_fmt(s) + (" *" if best is not None and s and s.get("mean") == best else "") for s in stats]
         rows.append([f"{n} {'↑' if higher_is_better(n) else '↓'}", *cells])
-    counts = [str(max((s.get("n", 0) for s in ev.summary[label].values()), default=0)) for label in labels]
-    rows.append(["images", *counts])
     return header, rows
 
 
 def _print_table(ev: Any) -> None:
     header, rows = comparison_rows(ev)
-    table(err, "saliency evaluate: mean ± 95 % CI over images (↑ higher is better, ↓ lower; * best)", header, rows,
-          right=tuple(range(1, len(header))))
+    table(err, "saliency evaluate: mean ± 95 % CI over the n images with a value (↑ higher is better, ↓ lower; "
+          "* best)", header, rows, right=tuple(range(1, len(header))))
 
 
 def _metric_cells(r: dict[str, Any]) -> list[str]:

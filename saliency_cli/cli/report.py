@@ -22,12 +22,15 @@ Runs = Annotated[list[Path], typer.Argument(help="Run folders of `saliency expla
 def report(
     runs: Runs,
     out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
-                                                help="Report folder (default: the first run "
-                                                 "folder); links to the runs' files are relative to it")] = None,
+                                                help="Report folder (default: the first run folder); the files "
+                                                "it links are copied into it (see --link)")] = None,
     comparison: Annotated[Path | None, typer.Option(help="A comparison.json of `saliency compare` to show "
                                                     "(default: any in the run folders)")] = None,
     page_size: Annotated[int, typer.Option(help="Rows a page")] = 50,
     thumb_size: Annotated[int, typer.Option(help="Thumbnail width, pixels")] = 160,
+    link: Annotated[bool, typer.Option("--link", help="Link the runs' overlays, maps and images where they are "
+                                       "instead of copying them into --out (the page is then not publishable "
+                                       "alone, and says so)")] = False,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -40,7 +43,7 @@ def report(
     progress = Progress("thumbnails", enabled=not (quiet or json_out), unit="thumbnails")
     try:
         result = api.report(list(runs), out=o.out_path(out_dir), comparison=comparison, page_size=page_size,
-                            thumb_size=thumb_size, on_progress=progress.update)
+                            thumb_size=thumb_size, link=link, on_progress=progress.update)
     finally:
         progress.stop()
     for w in result.warnings:

@@ -62,8 +62,6 @@ class Attribution:
 MethodFn = Callable[..., Attribution]
 # scorer(metric name, oracle, x (B, C, H, W), target (B,), maps (B, C, H, W) or (B, H, W)) -> (B,) values
 Scorer = Callable[[str, GradientOracle, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# resolver(value, oracle, calibration images (N, C, H, W), ctx) -> the run-level value
-Resolver = Callable[[Any, GradientOracle, torch.Tensor, "MethodContext"], Any]
 
 
 @dataclass(frozen=True)
@@ -74,9 +72,8 @@ class Method:
     passes per image at those settings. width(hyper): inputs per image the method sends to the oracle in one
     call (smoothgrad: its samples; noisegrad: 1 per noisy model; mask: its chains; ggig: its path points);
     None means its cost. The pipeline groups `batch_size // width` images so that every oracle call is full
-    (`oracle_width`). resolvers: run-level hooks `{setting: fn(value, oracle, x, ctx)}` that
-    turn a value such as `auto` into a number once per run, on the run's calibration images, before the method
-    is called (the method also resolves it itself when called directly).
+    (`oracle_width`). A method resolves its own `auto` settings per image (never from the other images of a
+    run), and its cost counts the passes that takes.
     """
 
     name: str
@@ -89,7 +86,6 @@ class Method:
     reduce: str = "abs-sum"  # default channel reduction for display and .npy
     needs_gradients: bool = True
     cheap: dict[str, Any] = field(default_factory=dict)  # settings recommended where the defaults are slow
-    resolvers: dict[str, Resolver] = field(default_factory=dict)
     width: Callable[[dict[str, Any]], int] | None = None  # inputs per image in one oracle call; None: cost
 
     def oracle_width(self, hyper: dict[str, Any]) -> int:
@@ -133,7 +129,7 @@ METHODS: dict[str, Method] = {}
 
 def register(name: str, *, summary: str, paper: str, defaults: dict[str, Any], stochastic: bool,
              cost: Callable[[dict[str, Any]], int], reduce: str = "abs-sum", needs_gradients: bool = True,
-             cheap: dict[str, Any] | None = None, resolvers: dict[str, Resolver] | None = None,
+             cheap: dict[str, Any] | None = None,
              width: Callable[[dict[str, Any]], int] | None = None) -> Callable[[MethodFn], MethodFn]:
     """Register `fn` under its CLI name. Every hyper-parameter must have a row in the settings table."""
 
@@ -144,7 +140,7 @@ def register(name: str, *, summary: str, paper: str, defaults: dict[str, Any], s
         if missing:
             raise ValueError(f"method {name!r}: no settings row for {', '.join(missing)} (methods/settings.py)")
         METHODS[name] = Method(name, fn, summary, paper, dict(defaults), stochastic, cost, reduce,
-                               needs_gradients, dict(cheap or {}), dict(resolvers or {}), width)
+                               needs_gradients, dict(cheap or {}), width)
         return fn
 
     return wrap

@@ -32,6 +32,7 @@ a time (one to each half) until the split-half correlation reaches `--converge` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,11 +73,10 @@ def weight_generator(seed: int, m: int, device: torch.device | str) -> torch.Gen
     return seeded_generator(derive_seed("weight-noise", seed, m), device)
 
 
-def resolve_weight_noise(value: Any, oracle: GradientOracle, x: torch.Tensor, ctx: MethodContext) -> float:
-    """`s` as a float >= 0. `auto` is calibrated on x: the pipeline calls this once per run on the run's
-    calibration images (its registered resolver) and passes the number; a direct call calibrates on its batch."""
+def check_weight_noise(value: Any) -> float | str:
+    """`s` as a float >= 0, or `auto` (calibrated on each image itself: `_per_image`)."""
     if value == "auto":
-        return calibrate_weight_noise(oracle, x, seed=ctx.seed)
+        return "auto"
     if isinstance(value, str):
         raise ValueError(f"weight_noise {value!r}: expected a number or 'auto'")
     s = float(value)
@@ -109,6 +109,11 @@ def model_count(hyper: dict[str, Any]) -> int:
     return int(hyper["max_samples"] if hyper["models"] == "auto" else hyper["models"])
 
 
+def calibration_cost(hyper: dict[str, Any]) -> int:
+    """Forward passes per image of `weight_noise` auto (`calibrate_weight_noise` at its defaults), else 0."""
+    return CALIBRATION_PASSES if hyper.get("weight_noise") == "auto" else 0
+
+
 NOISEGRAD_DEFAULTS = {"weight_noise": WEIGHT_NOISE_DEFAULT, "models": 10, "base": "gradient", "converge": 0.95,
                       "max_samples": 50}
 FUSION_DEFAULTS = {"weight_noise": WEIGHT_NOISE_DEFAULT, "models": 10, "noise": FUSION_NOISE, "samples": 10,
@@ -117,9 +122,8 @@ FUSION_DEFAULTS = {"weight_noise": WEIGHT_NOISE_DEFAULT, "models": 10, "noise": 
 
 @register("noisegrad", summary="Mean gradient (or --base attribution) over M models with N(1, s^2) weight noise",
           paper=PAPER, defaults=NOISEGRAD_DEFAULTS, stochastic=True,
-          cost=lambda h: model_count(h) * base_cost(h), reduce="mean-abs-sum",
-          width=lambda h: base_width(str(h.get("base", "gradient")), h),
-          resolvers={"weight_noise": resolve_weight_noise})
+          cost=lambda h: model_count(h) * base_cost(h) + calibration_cost(h), reduce="mean-abs-sum",
+          width=lambda h: base_width(str(h.get("base", "gradient")), h))
 def noisegrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
               generators: list[torch.Generator], ctx: MethodContext, weight_noise: float | str,
               models: int | str, base: str = "gradient", converge: float = 0.95, max_samples: int = 50,
@@ -135,16 +139,20 @@ def noisegrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     models = auto, models_used and split_half.
     """
     check_base_options(base, base_options)
-    s = resolve_weight_noise(weight_noise, oracle, x, ctx)
-    prepared = prepare_base(base, x, generators, ctx, base_options)
-    return _over_models(oracle, x, target, generators, ctx, prepared, s, models, None, converge, max_samples)
+    s = check_weight_noise(weight_noise)
+
+    def explain(x: torch.Tensor, target: torch.Tensor, gens: list[torch.Generator], s: float) -> Attribution:
+        prepared = prepare_base(base, x, gens, ctx, base_options)
+        return _over_models(oracle, x, target, gens, ctx, prepared, s, models, None, converge, max_samples)
+
+    return _per_image(oracle, x, target, generators, ctx, s, explain)
 
 
 @register("fusiongrad", summary="SmoothGrad on each of M weight-noised models (NoiseGrad x SmoothGrad)",
           paper=PAPER, defaults=FUSION_DEFAULTS, stochastic=True,
-          cost=lambda h: model_count(h) * int(h["samples"]) * base_cost(h), reduce="mean-abs-sum",
-          width=lambda h: int(h["samples"]) * base_width(str(h.get("base", "gradient")), h),
-          cheap={"models": 5, "samples": 5}, resolvers={"weight_noise": resolve_weight_noise})
+          cost=lambda h: model_count(h) * int(h["samples"]) * base_cost(h) + calibration_cost(h),
+          reduce="mean-abs-sum", width=lambda h: int(h["samples"]) * base_width(str(h.get("base", "gradient")), h),
+          cheap={"models": 5, "samples": 5})
 def fusiongrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
                generators: list[torch.Generator], ctx: MethodContext, weight_noise: float | str, models: int | str,
                noise: float, samples: int, noise_unit: str = "relative", base: str = "gradient",
@@ -165,13 +173,39 @@ def fusiongrad(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
     if samples == "auto":
         raise ValueError("fusiongrad: -n auto is not offered; use --models auto (rounds of noisy models)")
     check_base_options(base, base_options)
-    s = resolve_weight_noise(weight_noise, oracle, x, ctx)
-    prepared = prepare_base(base, x, generators, ctx, base_options)  # the baseline first, then the noise
-    sigma = noise_sigma(x, float(noise), noise_unit)  # (B,)
-    inputs = (int(samples), sigma)
-    result = _over_models(oracle, x, target, generators, ctx, prepared, s, models, inputs, converge, max_samples)
-    result.stats.update(noise_stats(x, sigma))
-    return result
+    s = check_weight_noise(weight_noise)
+
+    def explain(x: torch.Tensor, target: torch.Tensor, gens: list[torch.Generator], s: float) -> Attribution:
+        prepared = prepare_base(base, x, gens, ctx, base_options)  # the baseline first, then the noise
+        sigma = noise_sigma(x, float(noise), noise_unit)  # (B,)
+        result = _over_models(oracle, x, target, gens, ctx, prepared, s, models, (int(samples), sigma), converge,
+                              max_samples)
+        result.stats.update(noise_stats(x, sigma))
+        return result
+
+    return _per_image(oracle, x, target, generators, ctx, s, explain)
+
+
+def _per_image(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, generators: list[torch.Generator],
+               ctx: MethodContext, s: float | str,
+               explain: Callable[[torch.Tensor, torch.Tensor, list[torch.Generator], float], Attribution]
+               ) -> Attribution:
+    """explain(x, target, generators, s) on the whole batch for a given s; for `auto`, image by image, each at
+    the s calibrated on that image alone (with the run seed's noisy models), so that an image's map never
+    depends on the other images of the run, its batch or its order (s is a function of the image and the run
+    seed, found once for consecutive copies of an image). stats: weight_noise (B,), the s used."""
+    if s != "auto":
+        return explain(x, target, generators, float(s))
+    parts, s_i = [], 0.0
+    for i in range(x.shape[0]):
+        if i == 0 or not torch.equal(x[i], x[i - 1]):  # a row that repeats the last (top-k, a group's filler): its s
+            s_i = calibrate_weight_noise(oracle, x[i:i + 1], seed=ctx.seed)
+        parts.append(explain(x[i:i + 1], target[i:i + 1], generators[i:i + 1], s_i))
+    display = None
+    if all(p.display is not None for p in parts):
+        display = torch.cat([p.display for p in parts])  # type: ignore[misc]
+    stats = {k: torch.cat([p.stats[k] for p in parts]) for k in parts[0].stats}
+    return Attribution(torch.cat([p.maps for p in parts]), stats, display)
 
 
 def _over_models(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, generators: list[torch.Generator],
@@ -264,55 +298,44 @@ def weight_noise_agreement(oracle: GradientOracle, x: torch.Tensor, weight_noise
     return int(agree) / (int(models) * x.shape[0])
 
 
+def bisection_steps(tol: float = 0.05, floor: float = 1e-6, limit: float = 4.0) -> int:
+    """Geometric bisection steps that shrink [floor, limit] to hi / lo <= 1 + tol."""
+    return max(0, math.ceil(math.log2(math.log(limit / floor) / math.log1p(tol))))
+
+
+CALIBRATION_MODELS = 10
+# Forward passes per image of `auto` at the defaults: the clean pass, then 10 noisy models at each of 9 steps.
+CALIBRATION_PASSES = 1 + bisection_steps() * CALIBRATION_MODELS
+
+
 def calibrate_weight_noise(oracle: GradientOracle, x: torch.Tensor, *, seed: int, drop: float = 0.05,
-                           models: int = 10, tol: float = 0.05, start: float = 0.2, limit: float = 4.0,
-                           floor: float = 1e-6) -> float:
+                           models: int = CALIBRATION_MODELS, tol: float = 0.05, floor: float = 1e-6,
+                           limit: float = 4.0) -> float:
     """The weight noise s at which the noisy models keep about `1 - drop` top-1 agreement with the clean model
     on the images x (N, C, H, W): the paper's heuristic (about 5 % relative loss of agreement, drop = 0.05).
+    `auto` calls it on each image alone (N = 1: s is the largest noise at which all 10 noisy models keep the
+    image's top-1 class, to within tol).
 
-    Bisection on s with the invariant agreement(lo) >= 1 - drop > agreement(hi). The bracket is found from
-    `start` by doubling (up to `limit`, returned if the model never loses that much agreement) or halving (down
-    to `floor`, returned if even that loses too much), then halved geometrically (models differ by orders of
-    magnitude: s = 0.2 keeps no agreement at all on the bundled efficientnet_lite0, whose s is about 0.007)
-    until hi / lo <= 1 + tol, and its geometric midpoint is returned: s to within a relative `tol`.
+    Geometric bisection on s in [floor, limit] with the invariant agreement(lo) >= 1 - drop > agreement(hi)
+    (models differ by orders of magnitude: s = 0.2 keeps no agreement at all on the bundled efficientnet_lite0,
+    whose s is about 0.007), a fixed number of steps (`bisection_steps`) until hi / lo <= 1 + tol; the geometric
+    midpoint is returned. A model that keeps the agreement up to `limit` gives about `limit`, one that loses it
+    even at `floor` about `floor`.
 
     Deterministic given the seed: every evaluation uses the same M noisy draws (see `weight_noise_agreement`).
-    The agreement is a share of models * N votes, so few images give a coarse answer. Cost per evaluation:
-    models * N forward passes (no backward) and `models` weight draws; about 10 evaluations from the defaults.
+    Cost, fixed: 1 + steps * models forward passes per image (no backward), `models` weight draws per step.
     """
     if not 0 < drop < 1:
         raise ValueError(f"drop {drop}: must be between 0 and 1")
-    if not (tol > 0 and 0 < floor <= start <= limit):
-        raise ValueError("need tol > 0 and 0 < floor <= start <= limit")
-    _parameter_device(oracle, start)  # fail early on a model without parameters
+    if not (tol > 0 and 0 < floor < limit):
+        raise ValueError("need tol > 0 and 0 < floor < limit")
+    _parameter_device(oracle, limit)  # fail early on a model without parameters
     wanted = 1.0 - drop
     clean = oracle.logits(x).argmax(1)
-
-    def keeps(s: float) -> bool:
-        return weight_noise_agreement(oracle, x, s, seed=seed, models=models, clean=clean) >= wanted
-
-    s = float(start)
-    if keeps(s):
-        lo = s
-        while True:  # grow until the agreement is lost
-            if lo >= limit:
-                return float(limit)
-            hi = min(2.0 * lo, float(limit))
-            if not keeps(hi):
-                break
-            lo = hi
-    else:
-        hi = s
-        while True:  # shrink until the agreement is kept
-            if hi <= floor:
-                return float(floor)
-            lo = max(0.5 * hi, float(floor))
-            if keeps(lo):
-                break
-            hi = lo
-    while hi / lo > 1.0 + tol:
+    lo, hi = float(floor), float(limit)
+    for _ in range(bisection_steps(tol, floor, limit)):
         mid = math.sqrt(lo * hi)
-        if keeps(mid):
+        if weight_noise_agreement(oracle, x, mid, seed=seed, models=models, clean=clean) >= wanted:
             lo = mid
         else:
             hi = mid

@@ -162,8 +162,8 @@ for _row in (
     Setting("steps", "Path points (integrated-gradients, ggig)", int, check=at_least(1)),
     Setting("baseline", "Reference input of path and mask methods", str, choices=BASELINES),
     Setting("quadrature", "Integrated-gradients quadrature rule", str, choices=QUADRATURES),
-    Setting("weight_noise", "NoiseGrad/FusionGrad multiplicative weight noise, or auto (about 5 % top-1 "
-            "agreement lost)", float, check=non_negative, auto=True),
+    Setting("weight_noise", "NoiseGrad/FusionGrad multiplicative weight noise, or auto (calibrated on each image: "
+            "the largest at which 10 noisy models all keep its top-1 class)", float, check=non_negative, auto=True),
     Setting("models", "NoiseGrad/FusionGrad noisy models, or auto (rounds of models until the split-half "
             "correlation reaches --converge)", int, check=at_least(1), auto=True),
     Setting("confidence", "AdaptGrad: probability that a noisy sample stays in the valid input range", float,

@@ -102,7 +102,8 @@ def read_boxes(path: str | Path) -> dict[str, list[Box]]:
     JSON: `{"image": [l, t, r, b]}` or `{"image": [[l, t, r, b], ...]}` (several boxes: their union), or a list
     of `{"image": ..., "box": [...]}` / `{"image": ..., "boxes": [[...], ...]}`. CSV: rows `image, left, top,
     right, bottom`, with or without that header; several rows of one image are a union. An image may be named
-    by its path as given to `explain`, its key (path in the run folder) or its file name."""
+    by its path as given to `explain`, its absolute path, its key (path in the run folder) or its file name
+    (`lookup`); names are kept normalised (`./a//b.png` is `a/b.png`)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -126,7 +127,7 @@ def read_boxes(path: str | Path) -> dict[str, list[Box]]:
                 out.setdefault(str(entry["image"]), []).extend(_box(b, str(entry["image"])) for b in many)
         else:
             raise UsageError(f"--boxes {path}: expected a JSON object or list")
-        return out
+        return _normalised(out)
     for n, row in enumerate(csv.reader(text.splitlines())):
         if not row or not "".join(row).strip():
             continue
@@ -135,6 +136,13 @@ def read_boxes(path: str | Path) -> dict[str, list[Box]]:
         if len(row) != 5:
             raise UsageError(f"--boxes {path}: line {n + 1}: expected image, left, top, right, bottom")
         out.setdefault(row[0].strip(), []).append(_box(row[1:], f"line {n + 1}"))
+    return _normalised(out)
+
+
+def _normalised(boxes: dict[str, list[Box]]) -> dict[str, list[Box]]:
+    out: dict[str, list[Box]] = {}
+    for name, value in boxes.items():
+        out.setdefault(os.path.normpath(name) if name else name, []).extend(value)
     return out
 
 
@@ -156,18 +164,23 @@ def index_masks(folder: str | Path) -> dict[str, Path]:
     return index
 
 
-def names_of(image: str, key: str) -> list[str]:
-    """The names a region file may use for one image, most specific first."""
-    out = [image, os.path.normpath(image), key, key.rsplit(".", 1)[0], Path(image).name, Path(image).stem]
+def names_of(image: str, key: str, given: str | None = None) -> list[str]:
+    """The names a region file may use for one image, most specific first: the path as given to explain
+    (`given`, e.g. `sample_images/rocket.jpg`), the absolute path (`image`), the key (path in the run folder)
+    with and without its suffix, the file name with and without its suffix."""
+    paths = [given, os.path.normpath(given)] if given else []
+    paths += [image, os.path.normpath(image), os.path.normpath(os.path.abspath(image))]
+    out = [*paths, key, key.rsplit(".", 1)[0], Path(image).name, Path(image).stem]
     return list(dict.fromkeys(out))
 
 
-def lookup(table: dict[str, Any], image: str, key: str, ambiguous: set[str]) -> Any:
+def lookup(table: dict[str, Any], image: str, key: str, ambiguous: set[str], given: str | None = None) -> Any:
     """The entry of `table` for an image, trying names_of(); a bare file name shared by several images of the
     evaluation (in `ambiguous`) is refused."""
-    for name in names_of(image, key):
+    paths = {n for p in (image, given) if p for n in (p, os.path.normpath(p))}
+    for name in names_of(image, key, given):
         if name in table:
-            if name in ambiguous and name not in (image, key, os.path.normpath(image)):
+            if name in ambiguous and name not in paths and name != key:
                 raise UsageError(f"the region file names {name!r}, but several images have that name; "
                                  "name them by their path as given to explain")
             return table[name]

@@ -28,9 +28,11 @@ import torch
 
 from saliency_cli.errors import SaliencyError, UsageError, unknown
 from saliency_cli.numerics import mean_ci95, spearman
-from saliency_cli.pipeline.runs import Row, RunData, assign_labels, load_map, read_run
 from saliency_cli.render import montage, regions
-from saliency_cli.writers import finite, manifest_parts, write_bytes, write_png
+from saliency_cli.runfolder.comparison import write_comparison
+from saliency_cli.runfolder.folder import Row, RunData, assign_labels, load_map, read_run
+from saliency_cli.runfolder.records import manifest_parts
+from saliency_cli.writers import finite, write_png
 
 GATE_METRICS = ("spearman", "iou")
 STRIP_DIR = "comparison"
@@ -66,7 +68,7 @@ class Pair:
 
     @property
     def key(self) -> str:
-        return str(self.b.record.get("key"))
+        return self.b.record.key
 
     def changed(self) -> tuple[float, float, str, str]:
         """Sort key, most changed first: undefined values first, then by Spearman, then IoU."""
@@ -77,11 +79,10 @@ class Pair:
     def to_json(self) -> dict[str, Any]:
         def side(row: Row) -> dict[str, Any]:
             rec = row.record
-            return {"key": rec.get("key"), "image": rec.get("image"), "method": row.label, "target": rec.get("target"),
-                    "label": rec.get("label"), "score": rec.get("score"), "npy": (rec.get("outputs") or {}).get("npy"),
-                    "overlay": (rec.get("outputs") or {}).get("overlay")}
+            return {"key": rec.key, "image": rec.image, "method": row.label, "target": rec.target,
+                    "label": rec.label, "score": rec.score, "npy": rec.npy, "overlay": rec.overlay}
 
-        return {"key": self.key, "image": self.b.record.get("image"), "sha256": self.b.record.get("sha256"),
+        return {"key": self.key, "image": self.b.record.image, "sha256": self.b.record.sha256,
                 "method": self.method, "spearman": self.spearman, "iou": self.iou, "strip": self.strip,
                 "a": side(self.a), "b": side(self.b)}
 
@@ -97,11 +98,13 @@ class GateFailure:
     bound: float
     count: int
     total: int
+    differences: str = ""  # what else differs between the runs (models, preprocessing, this method's settings)
 
     def message(self) -> str:
         value = "undefined (one map is constant)" if self.value is None else f"{self.value:.3g} < {self.bound:g}"
         more = f" ({self.count} of {self.total} images below {self.bound:g})" if self.count > 1 else ""
-        return f"{self.metric} of {self.method} on {self.image} is {value}{more}"
+        why = f" ({self.differences})" if self.differences else ""
+        return f"{self.metric} of {self.method} on {self.image} is {value}{more}{why}"
 
 
 @dataclass
@@ -119,12 +122,15 @@ class Comparison:
     options: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    differences: dict[str, Any] = field(default_factory=dict)  # `run_differences`
 
     def to_json(self) -> dict[str, Any]:
         def run(r: RunData) -> dict[str, Any]:
-            return {"folder": str(r.folder.resolve()), "name": r.name, "model": r.info.get("model")}
+            return {"folder": str(r.folder.resolve()), "name": r.name, "model": r.info.get("model"),
+                    "data_config": r.info.get("data_config")}
 
         return finite({"run_a": run(self.run_a), "run_b": run(self.run_b), "options": self.options,
+                       "differences": self.differences,
                        "summary": self.summary, "pairs": [p.to_json() for p in self.pairs],
                        "only_a": self.only_a, "only_b": self.only_b, "warnings": self.warnings,
                        "gates": [f.__dict__ | {"message": f.message()} for f in self.failures]})
@@ -151,8 +157,8 @@ def _by_image(run: RunData, by_key: bool) -> dict[tuple[str, str], list[Row]]:
     """The run's rows grouped by (image identity, method label): identity = the file's sha256, or its key."""
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for row in run.rows:
-        sha = row.record.get("sha256")
-        ident = f"key:{row.record.get('key')}" if by_key or not sha else f"sha:{sha}"
+        sha = row.record.sha256
+        ident = f"key:{row.record.key}" if by_key or not sha else f"sha:{sha}"
         groups[(ident, row.label)].append(row)
     return groups
 
@@ -196,17 +202,93 @@ def pair_runs(run_a: RunData, run_b: RunData) -> tuple[list[Pair], list[str], li
             for a, b in _match(rows_a, gb[(ident, label_b)]):
                 pairs.append(Pair(a, b, shown))
                 used.update((id(a), id(b)))
-    only_a = sorted(f"{r.record.get('key')} ({r.label})" for r in run_a.rows if id(r) not in used)
-    only_b = sorted(f"{r.record.get('key')} ({r.label})" for r in run_b.rows if id(r) not in used)
+    only_a = sorted(f"{r.record.key} ({r.label})" for r in run_a.rows if id(r) not in used)
+    only_b = sorted(f"{r.record.key} ({r.label})" for r in run_b.rows if id(r) not in used)
     return pairs, only_a, only_b
+
+
+# -- what differs between the runs -------------------------------------------------------------------------
+PER_IMAGE = {"sigma", "noise_absolute", "noise_relative"}  # values a method records per image, not settings
+
+
+def model_identity(source: dict[str, Any]) -> dict[str, Any]:
+    """What says which model a run used: its source without file paths when the files' sha256 are recorded
+    (the same weights read from another folder are the same model)."""
+    if not source.get("sha256"):
+        return dict(source)
+    out = {k: v for k, v in source.items() if k not in ("weights", "files")}
+    if isinstance(out.get("checkpoint"), dict):
+        out["checkpoint"] = {k: v for k, v in out["checkpoint"].items() if k != "path"}
+    return out
+
+
+def model_text(source: dict[str, Any]) -> str:
+    """`resnet18 sha256 ab12cd34..`: the model's name and the first digits of its weights' sha256."""
+    name = str(source.get("name") or source.get("kind") or "model")
+    digests = [str(v) for v in (source.get("sha256") or {}).values()] + \
+        ([str(source["state_dict_sha256"])] if source.get("state_dict_sha256") else [])
+    return f"{name} sha256 {digests[0][:8]}.." if digests else name
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [value in a, value in b]} for the keys whose values differ (None: absent)."""
+    def text(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if text(a.get(k)) != text(b.get(k))}
+
+
+def _label_settings(run: RunData, label: str) -> dict[str, Any] | None:
+    """The settings of a method label's maps (as asked: per-image `auto` values as `auto`, no per-image noise
+    levels), or None when its maps do not all share them."""
+    variants: dict[str, dict[str, Any]] = {}
+    for r in run.rows:
+        if r.label == label:
+            settings = {k: v for k, v in r.record.asked.items() if k not in PER_IMAGE}
+            variants[json.dumps(settings, sort_keys=True, default=str)] = settings
+    return next(iter(variants.values())) if len(variants) == 1 else None
+
+
+def run_differences(run_a: RunData, run_b: RunData, methods: dict[str, str]) -> dict[str, Any]:
+    """What differs between the runs besides the maps: the model (weights sha256 / source), the preprocessing
+    (data config), each compared method's settings; with `sentences`, one line per difference."""
+    ma, mb = run_a.info.get("model") or {}, run_b.info.get("model") or {}
+    out: dict[str, Any] = {"model": None, "data_config": _differing(run_a.info.get("data_config") or {},
+                                                                    run_b.info.get("data_config") or {}),
+                           "methods": {}, "sentences": []}
+    if _differing(model_identity(ma), model_identity(mb)):
+        out["model"] = {"a": model_text(ma), "b": model_text(mb)}
+        out["sentences"].append(f"the runs used different models: A {model_text(ma)}, B {model_text(mb)}")
+    if out["data_config"]:
+        out["sentences"].append("different preprocessing: " + _pairs_text(out["data_config"]))
+    for label_a, label_b in sorted(methods.items()):
+        sa, sb = _label_settings(run_a, label_a), _label_settings(run_b, label_b)
+        if sa is None or sb is None:
+            continue
+        diff = _differing(sa, sb)
+        if diff:
+            shown = label_a if label_a == label_b else f"{label_a} vs {label_b}"
+            out["methods"][shown] = diff
+            out["sentences"].append(f"different settings of {shown}: {_pairs_text(diff)}")
+    return out
+
+
+def _pairs_text(diff: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{k} {_value(a)} vs {_value(b)}" for k, (a, b) in diff.items())
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list | tuple) and all(isinstance(x, int) for x in v):
+        return "x".join(str(x) for x in v)
+    return "none" if v is None else str(v)
 
 
 # -- similarity ---------------------------------------------------------------------------------------------
 def _shape(row: Row) -> tuple[int, int]:
-    shape = row.record.get("map_shape") or []
+    shape = row.record.map_shape or []
     if len(shape) >= 2:
         return int(shape[-2]), int(shape[-1])
-    path = row.run.folder / row.record["outputs"]["npy"]
+    path = row.run.folder / str(row.record.npy)
     try:
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[-2:])  # type: ignore[return-value]
     except (OSError, ValueError) as e:
@@ -303,16 +385,16 @@ def csv_text(pairs: list[Pair]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["key", "image", "method", "spearman", "iou", "target_a", "target_b", "npy_a", "npy_b", "strip"])
     for p in pairs:
-        w.writerow([p.key, p.b.record.get("image"), p.method, "" if p.spearman is None else f"{p.spearman:.6g}",
-                    "" if p.iou is None else f"{p.iou:.6g}", p.a.record.get("target"), p.b.record.get("target"),
-                    p.a.record["outputs"]["npy"], p.b.record["outputs"]["npy"], p.strip or ""])
+        w.writerow([p.key, p.b.record.image, p.method, "" if p.spearman is None else f"{p.spearman:.6g}",
+                    "" if p.iou is None else f"{p.iou:.6g}", p.a.record.target, p.b.record.target,
+                    p.a.record.npy, p.b.record.npy, p.strip or ""])
     return buf.getvalue()
 
 
 def _panel(row: Row, side: str) -> tuple[str, Any] | None:
     from PIL import Image
 
-    overlay = (row.record.get("outputs") or {}).get("overlay")
+    overlay = row.record.overlay
     if not overlay:
         return None
     try:
@@ -321,8 +403,8 @@ def _panel(row: Row, side: str) -> tuple[str, Any] | None:
     except OSError:
         return None
     rec = row.record
-    p = f", p = {rec['score']:.3f}" if isinstance(rec.get("score"), int | float) else ""
-    return f"{side}: {row.run.name} ({row.label})\n{rec.get('label') or rec.get('target')}{p}", image
+    p = f", p = {rec.score:.3f}" if rec.score is not None else ""
+    return f"{side}: {row.run.name} ({row.label})\n{rec.label or rec.target}{p}", image
 
 
 def _regions_panel(pair: Pair, opts: CompareOptions) -> tuple[str, Any]:
@@ -363,9 +445,7 @@ def write_files(cmp: Comparison, opts: CompareOptions) -> dict[str, str]:
     strips = opts.strips
     for pair in cmp.pairs[:strips]:
         pair.strip = write_strip(pair, cmp.out, opts)
-    files = {"json": str(cmp.out / "comparison.json"), "csv": str(cmp.out / "comparison.csv")}
-    write_bytes(Path(files["json"]), json.dumps(cmp.to_json(), indent=2, default=str, allow_nan=False).encode())
-    write_bytes(Path(files["csv"]), csv_text(cmp.pairs).encode())
+    files = write_comparison(cmp.out, cmp.to_json(), csv_text(cmp.pairs))
     files.update({f"strip{i}": str(cmp.out / p.strip) for i, p in enumerate(cmp.pairs[:strips]) if p.strip})
     return files
 
@@ -385,7 +465,12 @@ def compare_runs(opts: CompareOptions, on_progress: Progress | None = None) -> C
     pairs.sort(key=Pair.changed)
     out = Path(opts.out) if opts.out is not None else Path(opts.run_b)
     options = {"pool": opts.pool, "top": opts.top, "fail_under": opts.fail_under, "magnitude": True}
-    cmp = Comparison(run_a, run_b, pairs, summarise(pairs), only_a, only_b, gates(pairs, opts.fail_under), out,
-                     options, warnings)
+    differences = run_differences(run_a, run_b, _method_map(run_a, run_b))
+    failures = gates(pairs, opts.fail_under)
+    for f in failures:  # a gate that fails says what else changed: the model, the preprocessing, its settings
+        f.differences = "; ".join(t for t in differences["sentences"] if not t.startswith("different settings of")
+                                  or t.startswith(f"different settings of {f.method}:"))
+    cmp = Comparison(run_a, run_b, pairs, summarise(pairs), only_a, only_b, failures, out, options, warnings,
+                     differences=differences)
     cmp.files = write_files(cmp, opts)
     return cmp

@@ -15,8 +15,9 @@ from PIL import Image
 
 from saliency_cli.data import MAX_PIXELS, InputItem, decode, file_digest, preprocess, read_input
 from saliency_cli.errors import ImageError, first_line
+from saliency_cli.runfolder.records import Record
 
-Records = list[dict[str, Any]]
+Records = list[Record]
 
 
 @dataclass

@@ -30,8 +30,10 @@ from saliency_cli.metrics.localisation import box_region, index_masks, lookup, m
 from saliency_cli.models import LoadedModel, num_classes, resolve_device
 from saliency_cli.numerics import mean_ci95, seeded_generator
 from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
-from saliency_cli.pipeline.evaluation_files import Evaluation, Failure, jsonable, write_reports
-from saliency_cli.pipeline.runs import (
+from saliency_cli.pipeline.shards import resolve_shard
+from saliency_cli.reduce import reduce_channels
+from saliency_cli.runfolder.evaluation import Evaluation, Failure, write_reports
+from saliency_cli.runfolder.folder import (
     LoadedImage,
     Row,
     RunData,
@@ -41,9 +43,9 @@ from saliency_cli.pipeline.runs import (
     read_run,
     reload_model,
 )
-from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import manifest_parts, run_record
+from saliency_cli.runfolder.records import manifest_parts
+from saliency_cli.runfolder.runinfo import has_run_record
+from saliency_cli.writers import jsonable
 
 __all__ = ["EvaluateOptions", "Evaluation", "Failure", "Selection", "evaluate_runs", "gates", "recomputer",
            "resolve"]
@@ -95,7 +97,7 @@ def _check_inputs(opts: EvaluateOptions) -> None:
     if not opts.runs:
         raise UsageError("give at least one run folder")
     for run in opts.runs:
-        if not manifest_parts(Path(run)) or not run_record(Path(run)).is_file():
+        if not manifest_parts(Path(run)) or not has_run_record(Path(run)):
             raise UsageError(f"{run} is not an explain run folder (no run.json and manifest.jsonl)")
     if opts.baseline not in BASELINES:
         raise unknown("--baseline", "value", opts.baseline, BASELINES)
@@ -226,7 +228,7 @@ class _Session:
             return
         self.failed.add(i)
         self.errors.append({"run": str(row.run.folder), "image": row.image, "method": row.label,
-                            "target": row.record.get("target"), "error": reason})
+                            "target": row.record.target, "error": reason})
 
     def __post_init__(self) -> None:
         self.row_id = {id(row): i for i, row in enumerate(self.all_rows)}
@@ -254,6 +256,9 @@ class _Group:
     rows: list[Row]
     loaded: dict[str, LoadedImage]
     maps: list[np.ndarray]
+
+
+MISSING_SHOWN = 5  # images named in the warning about images without an object region
 
 
 def _ambiguous_names(rows: list[Row]) -> set[str]:
@@ -293,13 +298,16 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     shard = resolve_shard(opts.shard)
     runs = [read_run(Path(r)) for r in opts.runs]
     for run in runs:
-        run.rows = [row for row in run.rows if shard.owns(str(row.record.get("key", "")))]
+        run.rows = [row for row in run.rows if shard.owns(row.record.key)]
     assign_labels(runs)
     if not any(run.rows for run in runs):
         raise UsageError("the runs hold no finished maps to evaluate")
     device = resolve_device(opts.device)
     all_rows = [row for run in runs for row in run.rows]
     session = _Session(opts, selection, boxes if boxes is not None else masks, _ambiguous_names(all_rows), all_rows)
+    coverage = region_coverage(session)  # before any work: an ambiguous name in the file stops here
+    if coverage is not None:
+        session.warnings.append(coverage)
     models: dict[str, LoadedModel] = {}
     done = 0
     for run in runs:
@@ -317,12 +325,6 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
             done += len(rows)
             if on_progress is not None:
                 on_progress(done, len(all_rows))
-    if session.regions is not None:
-        values = session.collector.values
-        used = sum(1 for i in range(len(all_rows)) if values[i].get("pointing") is not None
-                   or values[i].get("energy") is not None)
-        if used == 0:
-            session.warnings.append("no image of the runs has an object region in the --boxes/--masks given")
     return _finish(session, runs)
 
 
@@ -404,7 +406,7 @@ def _group_regions(s: _Session, group: _Group, device: torch.device) -> tuple[to
     assert s.regions is not None
     regs, has = [], []
     for row, m in zip(group.rows, group.maps, strict=True):
-        entry = lookup(s.regions, row.image, str(row.record.get("key", "")), s.ambiguous)
+        entry = _region_of(s, row)
         li = group.loaded[row.image]
         if entry is None:
             regs.append(np.zeros(m.shape, dtype=bool))
@@ -418,6 +420,32 @@ def _group_regions(s: _Session, group: _Group, device: torch.device) -> tuple[to
     return torch.from_numpy(np.stack(regs)).to(device), torch.tensor(has, device=device)
 
 
+def _region_of(s: _Session, row: Row) -> Any:
+    """The row's boxes or mask file, by its path as given to explain, absolute path, key or file name."""
+    assert s.regions is not None
+    return lookup(s.regions, row.image, row.record.key, s.ambiguous, row.record.image)
+
+
+def region_coverage(s: _Session) -> str | None:
+    """One warning naming the images without an object region: `boxes for 2 of 6 images; no box for: a.png,
+    b.png, ... (+N more)`, or None when every image has one."""
+    if s.regions is None:
+        return None
+    images: dict[str, Row] = {}
+    for row in s.all_rows:
+        images.setdefault(row.image, row)
+    missing = sorted(row.record.key or row.image for row in images.values()
+                     if _region_of(s, row) is None)
+    if not missing:
+        return None
+    what, one = ("boxes", "box") if s.opts.boxes is not None else ("masks", "mask")
+    if len(missing) == len(images):
+        return f"no image of the runs has an object region in the --{what} given ({len(images)} images)"
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (f", ... (+{len(missing) - MISSING_SHOWN} more)"
+                                                   if len(missing) > MISSING_SHOWN else "")
+    return f"{what} for {len(images) - len(missing)} of {len(images)} images; no {one} for: {shown}"
+
+
 def _sanity_check(s: _Session, scope: _RunScope, name: str, rows: list[Row], batch: Batch) -> None:
     """One sanity check on the group, method label by method label (each label's maps are recomputed)."""
     by_label: dict[str, list[int]] = defaultdict(list)
@@ -425,9 +453,9 @@ def _sanity_check(s: _Session, scope: _RunScope, name: str, rows: list[Row], bat
         by_label[row.label].append(j)
     ids, labels = s.ids(rows), [r.label for r in rows]
     for label, js in by_label.items():
-        method = METHODS.get(rows[js[0]].record["method"])
+        method = METHODS.get(rows[js[0]].record.method)
         if method is None:
-            s.warnings.append(f"{name}: method {rows[js[0]].record['method']!r} is not available here; "
+            s.warnings.append(f"{name}: method {rows[js[0]].record.method!r} is not available here; "
                               f"skipped {label}")
             continue
         t0 = time.perf_counter()
@@ -444,7 +472,7 @@ def _sanity_rows(s: _Session, scope: _RunScope, name: str, method: Method, rows:
     check = SANITY_CHECKS[name]
     oracle = scope.oracle
     x, target = batch.x[sel], batch.target[sel]
-    recompute = recomputer(method, rows[0].record.get("params") or {}, oracle, x, target,
+    recompute = recomputer(method, rows[0].record.asked, oracle, x, target,
                            [batch.seeds[j] for j in sel.tolist()], scope.ctx)
     result = check.fn(oracle, recompute, lambda: oracle.probabilities(x, target), seed=scope.run.seed,
                       **s.selection.sanity_options[name])
@@ -462,7 +490,7 @@ def recomputer(method: Method, params: dict[str, Any], oracle: GradientOracle, x
     """A closure recomputing the rows' maps under the model as it is when called, exactly as explain did:
     the recorded hyper-parameters, each image's generator from (run seed, image bytes), the recorded channel
     reduction ('none' -> sum of |.|). Rows go in groups sized like explain's (batch size / method cost)."""
-    hyper = method.hyper_for(params)  # the recorded settings, with a smoother's --base settings
+    hyper = method.hyper_for(params)  # the recorded settings (as asked), with a smoother's --base settings
     how = str(params.get("reduce") or method.reduce)
     cost = max(1, int(method.cost(hyper)))
 
@@ -489,8 +517,8 @@ def _image_rows(s: _Session, names: list[str]) -> tuple[list[dict[str, Any]], di
         if i in s.failed:
             continue
         vals = {n: s.collector.values[i].get(n) for n in names}
-        images.append({"run": str(row.run.folder), "image": row.image, "key": row.record.get("key"),
-                       "method": row.label, "target": row.target, "label": row.record.get("label"),
+        images.append({"run": str(row.run.folder), "image": row.image, "key": row.record.key,
+                       "method": row.label, "target": row.target, "label": row.record.label,
                        "metrics": vals})
         for n in names:
             by_label[row.label][n].append(vals[n])

@@ -2,7 +2,7 @@
 -> method(oracle, x, target, generators, ctx) -> reduce -> outputs (writer thread) -> manifest.
 
 `ExplainRun(opts).run()` does one `saliency explain`; each step is one short method, the writing is in
-pipeline/outputs.py, the planning in pipeline/plan.py, the finished-work index in pipeline/resume.py.
+pipeline/outputs.py, the planning in pipeline/plan.py, the finished-work index in runfolder/finished.py.
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ from typing import IO, Any
 
 import torch
 
-from saliency_cli.data import InputItem, decode, discover, image_seed, input_bounds, preprocess, read_input
-from saliency_cli.errors import (
-    ImageError,
-    OutputError,
-    SaliencyError,
-    StdoutClosed,
-    UsageError,
-    first_line,
-    raise_if_signalled,
-)
+from saliency_cli.data import InputItem, discover, image_seed, input_bounds
+from saliency_cli.errors import OutputError, SaliencyError, StdoutClosed, UsageError, first_line, raise_if_signalled
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
@@ -45,11 +37,13 @@ from saliency_cli.oracle import (
 from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, prefetch
 from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
-from saliency_cli.pipeline.resume import FinishedIndex
 from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.pipeline.tensors import CALIBRATION_IMAGES, InMemory, load_run_model, resolve_run_level, run_device
+from saliency_cli.pipeline.tensors import InMemory, load_run_model, run_device
 from saliency_cli.reduce import reduce_channels
-from saliency_cli.writers import RunLock, finite, remove_stray_temporaries, write_json
+from saliency_cli.runfolder.finished import FinishedIndex
+from saliency_cli.runfolder.records import Record
+from saliency_cli.runfolder.runinfo import write_info
+from saliency_cli.writers import RunLock, finite, jsonable, remove_stray_temporaries
 
 MAX_GROUP = 256  # images per group at most (noisegrad's width is 1: a batch size of 1024 would hold 1024 images)
 
@@ -61,12 +55,6 @@ def versions() -> dict[str, str]:
 
     return {"saliency": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": sys.version.split()[0]}
-
-
-def jsonable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 class ExplainRun:
@@ -131,13 +119,12 @@ class ExplainRun:
                                      auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile)
         self._check_target()
 
-    def _set_up(self, items: list[InputItem]) -> None:
-        """Inside the locked output folder: the jobs, run-level values (`auto`) and the finished work."""
+    def _set_up(self) -> None:
+        """Inside the locked output folder: the jobs, their identities and the finished work."""
         opts = self.opts
         bounds = input_bounds(self.model.data_config).to(self.device)
         self.ctx = MethodContext(bounds, seed=opts.seed, scorer=self._scorer)
         self.jobs = make_jobs(opts, METHODS)
-        self.resolved = self._resolve_run_level(items)
         assign_identities(self.jobs, opts, self.model.source, self.model.data_config)
         self.finished = FinishedIndex(opts.out, enabled=not opts.overwrite)
         if self.finished.bad_lines:
@@ -167,27 +154,6 @@ class ExplainRun:
                 maps: torch.Tensor) -> torch.Tensor:
         return score_maps(metric, oracle, x, target, maps, self.ctx.bounds)
 
-    def _resolve_run_level(self, items: list[InputItem]) -> dict[str, Any]:
-        """Run-level values (`--weight-noise auto`) resolved once, by the methods' registered resolvers, on the
-        first readable images of the run; every job then uses the same number."""
-        # the first images of the whole sorted input list, not of this shard: every shard resolves the same value
-        return resolve_run_level(self.jobs, self.oracle, lambda: self._calibration_images(self.everything), self.ctx)
-
-    def _calibration_images(self, items: list[InputItem]) -> torch.Tensor:
-        xs = []
-        for item in items:
-            try:
-                cfg = self.model.data_config
-                xs.append(preprocess(decode(read_input(item.path), max_pixels=self.opts.max_pixels, data_config=cfg),
-                                     cfg)[0])
-            except (OSError, ImageError):
-                continue
-            if len(xs) >= CALIBRATION_IMAGES:
-                break
-        if not xs:
-            raise UsageError("--weight-noise auto needs at least one readable image")
-        return torch.stack(xs).to(self.device)
-
     def _run_info(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
         info = {
             "command": sys.argv, "cwd": os.getcwd(), "versions": versions(), "device": str(self.device),
@@ -198,8 +164,6 @@ class ExplainRun:
         }
         if self.shard.count > 1:
             info.update(shard=self.shard.describe(), inputs_total=len(self.everything))
-        if "weight_noise" in self.resolved:
-            info["weight_noise_auto"] = self.resolved["weight_noise"]
         return info
 
     # -- the run --------------------------------------------------------------------------------------
@@ -213,7 +177,7 @@ class ExplainRun:
         if not everything:
             raise UsageError("no images found in the inputs given")
         self.shard = resolve_shard(opts.shard)
-        self.everything = sorted(everything, key=lambda item: item.key)  # run-level choices see the same list
+        self.everything = everything
         items = [item for item in everything if self.shard.owns(item.key)]
         self._check_out()
         self._check_known_target()
@@ -223,13 +187,13 @@ class ExplainRun:
             self._prepare_out()
             stack.enter_context(RunLock(opts.out / f".saliency.lock{self.shard.suffix}"))
             remove_stray_temporaries(opts.out)
-            self._set_up(items)
+            self._set_up()
             return self._run_locked(items, started)
 
     def _run_locked(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
         opts = self.opts
         info = self._run_info(items, started)
-        write_json(opts.out / self.shard.run_name(), info)
+        write_info(opts.out, info, self.shard.suffix)
         if self.on_start is not None:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
@@ -246,7 +210,7 @@ class ExplainRun:
                         interrupted=interrupted, batch_size_final=self.oracle.batch_size)
             if self.outputs.echo_broken:
                 info["stopped"] = "stdout closed by its reader"
-            write_json(opts.out / self.shard.run_name(), info)
+            write_info(opts.out, info, self.shard.suffix)
         if self.outputs.echo_broken:
             raise StdoutClosed(f"stdout was closed by its reader; stopped after {sum(info['counts'].values())} "
                                f"records (all in {opts.out}/manifest.jsonl)")
@@ -271,7 +235,7 @@ class ExplainRun:
     def _workers(self) -> int:
         return self.opts.workers or default_workers()
 
-    def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[dict[str, Any]] | None]:
+    def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[Record] | None]:
         return {job.tag: self.finished.get(item.key, job.config_id, digest) for job in self.jobs}
 
     def _loop(self, items: list[InputItem]) -> None:
@@ -346,15 +310,14 @@ class ExplainRun:
         todo = []
         for r, (i, c) in enumerate(rows):
             done = [rec for rec in self.finished.get(group[i].item.key, job.config_id, group[i].digest) or []
-                    if rec.get("target") == c]
+                    if rec.target == c]
             if not done:
                 todo.append(r)
                 continue
             for rec in done:
                 self.outputs.skipped(rec, image=str(group[i].item.path))
-                overlay = (rec.get("outputs") or {}).get("overlay")
-                if overlay:
-                    panels[r].append((job.tag, overlay))
+                if rec.overlay:
+                    panels[r].append((job.tag, rec.overlay))
         return todo
 
     def _run_job(self, job: Job, group: list[Decoded], rows: list[tuple[int, int]], todo: list[int],

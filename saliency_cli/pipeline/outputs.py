@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,7 +29,8 @@ from saliency_cli.render import (
     with_title,
     without_title,
 )
-from saliency_cli.writers import Manifest, finite, write_npy, write_png
+from saliency_cli.runfolder.records import MANIFEST, Manifest, Record
+from saliency_cli.writers import finite, write_npy, write_png
 
 OnRecord = Callable[[dict[str, Any]], None]
 Panel = Future[Image.Image | None] | str  # an overlay being written, or one on disk (relative to --out)
@@ -39,7 +41,7 @@ class Outputs:
 
     def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
                  on_record: OnRecord | None = None, echo: IO[str] | None = None,
-                 manifest_name: str = "manifest.jsonl", overlay_size: int = 2048) -> None:
+                 manifest_name: str = MANIFEST, overlay_size: int = 2048) -> None:
         self.overlay_size = overlay_size
         self.out = out
         self.seed = seed
@@ -48,7 +50,7 @@ class Outputs:
         self.display = display
         self.on_record = on_record
         self.counts = {"ok": 0, "error": 0, "skipped": 0}
-        self.shown: dict[str, dict[str, Any]] = {}  # overlay path -> its record (montage titles)
+        self.shown: dict[str, Record] = {}  # overlay path -> its record (montage titles)
         self.manifest = Manifest(out / manifest_name, echo=echo)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         self.failure: BaseException | None = None  # the first exception raised in the writer thread
@@ -87,34 +89,29 @@ class Outputs:
         """Every hyper-parameter used, with the run's seed, reduction and score."""
         return {**job.hyper, "seed": self.seed, "reduce": job.reduce, "score": self.score}
 
-    def record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
-        rec: dict[str, Any] = {
-            "image": str(d.item.path), "key": d.item.key, "status": status, "error": error,
-            "method": job.method.name, "params": self.params(job), "target": None, "label": None, "score": None,
-            "outputs": {}, "crop_box": d.box, "map_shape": None, "seconds": 0.0,
-            "sha256": d.digest or None, "config": job.config_id,
-        }
-        rec.update(extra)
-        return rec
+    def record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, name: str | None = None,
+               **extra: Any) -> Record:
+        return Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
+                      params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
+                      name=name or job.tag, **extra)
 
-    def submit_record(self, rec: dict[str, Any]) -> None:
+    def submit_record(self, rec: Record) -> None:
         """Records without files still go through the writer thread, so the manifest keeps one order."""
         self._submit(self._emit, rec)
 
     def error(self, d: Decoded, job: Job, reason: str) -> None:
         self.submit_record(self.record(d, job, status="error", error=reason))
 
-    def skipped(self, rec: dict[str, Any], image: str | None = None) -> None:
-        extra = {"image": image} if image is not None else {}
-        self.submit_record({**rec, "status": "skipped", **extra, "seconds": 0.0})
+    def skipped(self, rec: Record, image: str | None = None) -> None:
+        self.submit_record(replace(rec, status="skipped", image=rec.image if image is None else image, seconds=0.0))
 
-    def _emit(self, rec: dict[str, Any]) -> None:
+    def _emit(self, rec: Record) -> None:
         self.manifest.append(rec)
-        if (rec.get("outputs") or {}).get("overlay"):
-            self.shown[rec["outputs"]["overlay"]] = rec
-        self.counts[rec["status"]] = self.counts.get(rec["status"], 0) + 1
+        if rec.overlay:
+            self.shown[rec.overlay] = rec
+        self.counts[rec.status] = self.counts.get(rec.status, 0) + 1
         if self.on_record is not None:
-            self.on_record(rec)
+            self.on_record(rec.to_json())
 
     # -- files ----------------------------------------------------------------------------------------
     def _paths(self, d: Decoded, name: str) -> tuple[Path, str]:
@@ -135,23 +132,25 @@ class Outputs:
         for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
             if key in stats:
                 params[key] = stats.pop(key)
+        if params.get("weight_noise") == "auto" and "weight_noise" in stats:  # calibrated on this image alone
+            params.update(weight_noise=stats.pop("weight_noise"), weight_noise_auto=True)
         rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
                           outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
-                          seconds=round(seconds, 4))
-        rec["params"] = params
+                          seconds=round(seconds, 4), name=name)
+        rec.params = params
         if stats:
-            rec["stats"] = stats
+            rec.extra["stats"] = stats
         try:
             if not np.isfinite(m).all():
                 raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
             write_npy(npy, m.astype(np.float32))
             assert d.image is not None and d.box is not None
             image = overlay(self._region(d), m, **self.display)
-            titled = with_title(image, overlay_title(d.item.key, rec, job.tag, topk=topk))
+            titled = with_title(image, overlay_title(d.item.key, rec.to_json(), job.tag, topk=topk))
             write_png(png, titled, {TITLE_KEY: str(titled.height - image.height)})
         except Exception as e:  # noqa: BLE001
             self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
-                                   score=prob))
+                                   score=prob, name=name))
             return None
         self._emit(rec)
         return image  # without its title: a montage panel has its own caption
@@ -189,7 +188,8 @@ class Outputs:
             image = self._panel(panel)
             rel = panel if isinstance(panel, str) else f"{d.item.key}.{tag}" + (f".class{cls}" if cls is not None
                                                                                   else "") + ".png"
-            rec = self.shown.pop(rel, {})
+            shown = self.shown.pop(rel, None)
+            rec = shown.to_json() if shown is not None else {}
             if image is not None:
                 records.append(rec)
                 panels.append((f"{tag}\n{settings_text(rec.get('params'))}", image))

@@ -1,7 +1,7 @@
 """Planning a run: the options, their validation (before anything is loaded), the jobs and the targets.
 
 A job is one (method, noise level) of the run with its resolved hyper-parameters and its identity (`config_id`),
-a hash of everything that determines its maps; finished work is recognised by it (pipeline/resume.py).
+a hash of everything that determines its maps; finished work is recognised by it (runfolder/finished.py).
 """
 
 from __future__ import annotations

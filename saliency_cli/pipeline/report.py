@@ -5,18 +5,23 @@
 
 The page works opened from disk (file://) and makes no network request: the row data is embedded as JSON in a
 `<script type="application/json">` tag, the script and styles are inline, every link is a path relative to the
-report folder. Rows are sorted by (image key, target) and the JSON is written one row per line with sorted keys,
-so two reports of similar runs diff line by line. Sorting, filtering and pagination (50 rows a page by default)
-are a few lines of plain JavaScript in the template (templates/report.html.j2), so 10,000 rows open at once.
+report folder, to a file inside it: the files it links that lie elsewhere are copied (hard-linked where possible)
+under files/ (`Files`), so the folder can be published alone, unless `--link` keeps links to the run folders
+(the page then says so). Rows are sorted by (image key, target) and the JSON is written one row per line with
+sorted keys, so two reports of similar runs diff line by line. Sorting, filtering and pagination (50 rows a page
+by default) are a few lines of plain JavaScript in the template (templates/report.html.j2), so 10,000 rows open
+at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shlex
-from collections import defaultdict
+import shutil
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +33,14 @@ from urllib.parse import quote
 from PIL import Image
 
 from saliency_cli.errors import UsageError
-from saliency_cli.pipeline.runs import PARAM_NOISE, Row, RunData, assign_labels
-from saliency_cli.writers import finite, manifest_parts, read_manifests, run_record, write_bytes
+from saliency_cli.runfolder.comparison import COMPARISON, read_comparison
+from saliency_cli.runfolder.evaluation import EVALUATION, read_result
+from saliency_cli.runfolder.folder import Row, RunData, assign_labels, read_run
+from saliency_cli.runfolder.records import Record
+from saliency_cli.writers import finite, write_bytes
 
 THUMBS = "thumbs"
+FILES = "files"  # copies of the runs' files that the page links, when the report folder is elsewhere
 COMPARE_METRICS = ("spearman", "iou")  # comparison.json values shown as metrics of the cells they belong to
 COMPARE_HELP = {"spearman": "Spearman rank correlation", "iou": "overlap (IoU) of the top-10 % pixels"}
 Progress = Callable[[int, int], None]
@@ -47,6 +56,7 @@ class ReportOptions:
     comparison: Path | None = None
     page_size: int = 50
     thumb_size: int = 160
+    link: bool = False  # link the runs' files where they are instead of copying them into `out` (--link)
 
 
 @dataclass
@@ -61,53 +71,16 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_records(folder: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every record of a run's manifest parts (`manifest*.jsonl`, shards included), of every status, in file
-    order, and the number of unreadable lines. The one place the report reads records from."""
-    content = read_manifests(folder)
-    return content.records, content.bad_lines
-
-
-def latest_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last record of each (key, method, settings, target), as a re-run appends; an error without a target
-    (the image could not be decoded) is dropped once a later record of that image and job has a target."""
-    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for rec in records:
-        settings = {k: v for k, v in (rec.get("params") or {}).items() if k not in PARAM_NOISE}
-        job = (rec.get("key"), rec.get("method"), json.dumps(settings, sort_keys=True, default=str))
-        if rec.get("target") is not None:
-            latest.pop((*job, None), None)
-        latest[(*job, rec.get("target"))] = rec
-    return list(latest.values())
-
-
-def _read_info(folder: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(run_record(folder).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{folder}/run.json: cannot read it ({e}); is it a `saliency explain` output "
-                         "folder?") from None
-    if not isinstance(info, dict):
-        raise UsageError(f"{folder}/run.json: not a JSON object")
-    return info
-
-
 def open_runs(folders: list[Path]) -> tuple[list[RunData], list[str]]:
-    """The runs with a Row for every latest record (every status), labelled like `evaluate` labels them, and
-    warnings about unreadable manifest lines."""
+    """The runs with a Row for every current record (every status; runfolder.current), labelled like `evaluate`
+    labels them, and warnings about unreadable manifest lines."""
     if not folders:
         raise UsageError("give at least one run folder (see saliency report --help)")
     runs, warnings = [], []
     for folder in folders:
-        if not folder.is_dir() or not manifest_parts(folder):
-            raise UsageError(f"{folder} is not an explain run folder (no manifest.jsonl)")
-        info = _read_info(folder)
-        run = RunData(folder, folder.resolve().name or str(folder), info)
-        records, bad = run_records(folder)
-        run.rows = [Row(run, rec) for rec in latest_records(records)]
-        run.bad_lines = bad
-        if bad:
-            warnings.append(f"{folder}: {bad} unreadable manifest lines skipped")
+        run = read_run(folder, maps_only=False, require_model=False)
+        if run.bad_lines:
+            warnings.append(f"{folder}: {run.bad_lines} unreadable manifest lines skipped")
         runs.append(run)
     assign_labels(runs)
     return runs, warnings
@@ -127,6 +100,90 @@ def link(target: Path | str, base: Path | str) -> str:
     return quote(rel.replace(os.sep, "/"))
 
 
+# -- the files the page links --------------------------------------------------------------------------------
+class Files:
+    """How the page reaches a file it shows or links (overlay, .npy, source image, evaluation.json,
+    comparison.json and strips). A file inside the report folder: a relative link. One outside it: copied under
+    out/files/<run name>/<its path in the run folder> (a hard link where the filesystem allows), so that the
+    report folder can be published alone; with `external` (--link), a relative link to where it is. The source
+    images stay where they are when the report folder is a run folder (the default `report RUN`)."""
+
+    def __init__(self, out: Path, runs: list[RunData], external: bool) -> None:
+        self.out, self.external = out, external
+        self.base = _absolute(os.fspath(out))
+        names = Counter(run.name for run in runs)
+        self.slots = {_absolute(os.fspath(run.folder)): run.name if names[run.name] == 1 else f"{run.name}-{i}"
+                      for i, run in enumerate(runs)}
+        self.images_in_place = self.base in self.slots
+        self.links: dict[str, str] = {}
+        self.copied = 0
+
+    def inside(self, path: str) -> bool:
+        return path == self.base or path.startswith(self.base + os.sep)
+
+    def _where(self, path: str) -> str:
+        """Where under out/files/ a file outside the report folder goes: its run's slot and its path there."""
+        for folder, slot in self.slots.items():
+            if path.startswith(folder + os.sep):
+                return f"{slot}/{path[len(folder) + 1:]}"
+        digest = hashlib.sha256(os.path.dirname(path).encode()).hexdigest()[:8]
+        return f"other/{digest}/{os.path.basename(path)}"
+
+    def link(self, target: Path | str, where: str | None = None) -> str | None:
+        """The page's link to the file `target` (copied first when needed, to `where` under out/files/ if
+        given); None when it must be copied but cannot be read."""
+        path = os.path.normpath(_absolute(os.fspath(target)))
+        if self.external or self.inside(path):
+            return link(path, self.out)
+        if path not in self.links:
+            dst = self.out / FILES / (where or self._where(path))
+            if not publish(Path(path), dst):
+                return None
+            self.copied += 1
+            self.links[path] = link(dst, self.out)
+        return self.links[path]
+
+    def image(self, row: Row) -> str | None:
+        """The link to a row's source image (None: not readable)."""
+        image = row.image
+        if not os.path.isfile(image):
+            return None
+        if self.images_in_place:
+            return link(image, self.out)
+        slot = self.slots.get(_absolute(os.fspath(row.run.folder)), "other")
+        return self.link(image, f"{slot}/images/{row.record.key or Path(image).name}")
+
+    def folder(self, run: RunData) -> str:
+        """The header's link to a run folder: the folder, or its copy under out/files/."""
+        path = _absolute(os.fspath(run.folder))
+        if self.external or self.inside(path):
+            return link(run.folder, self.out) + "/"
+        dst = self.out / FILES / self.slots[path]
+        dst.mkdir(parents=True, exist_ok=True)
+        return link(dst, self.out) + "/"
+
+
+def publish(src: Path, dst: Path) -> bool:
+    """`dst` with the bytes of `src`: a hard link where the filesystem allows, else a copy (its time stamp kept);
+    an existing `dst` of the same size and time is kept. False when `src` cannot be read."""
+    try:
+        st = src.stat()
+        if dst.is_file():
+            dt = dst.stat()
+            if (dt.st_size, dt.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                return True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        return False
+
+
 # -- columns and rows ---------------------------------------------------------------------------------------
 def _column_order(runs: list[RunData]) -> list[str]:
     """Method labels in the order the runs asked for the methods (then noise level, then name)."""
@@ -134,38 +191,36 @@ def _column_order(runs: list[RunData]) -> list[str]:
     for i, run in enumerate(runs):
         asked = list((run.info.get("options") or {}).get("methods") or [])
         for row in run.rows:
-            method = str(row.record.get("method"))
+            method = row.record.method
             pos = asked.index(method) if method in asked else len(asked)
-            noise = (row.record.get("params") or {}).get("noise")
+            noise = row.record.params.get("noise")
             key = (i, pos, method, noise if isinstance(noise, int | float) else -1.0, row.label)
             order[row.label] = min(order.get(row.label, key), key)
     return sorted(order, key=lambda label: order[label])
 
 
-def _row_id(rec: dict[str, Any]) -> tuple[str, str, int]:
-    target = rec.get("target")
-    return str(rec.get("key")), str(rec.get("sha256") or ""), -1 if target is None else int(target)
+def _row_id(rec: Record) -> tuple[str, str, int]:
+    return rec.key, rec.sha256 or "", -1 if rec.target is None else rec.target
 
 
-def _cell(row: Row, out: Path, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
+def _cell(row: Row, files: Files, thumb: str | None, values: list[float | None] | None) -> dict[str, Any]:
     rec = row.record
-    outputs = rec.get("outputs") or {}
-    cell: dict[str, Any] = {"s": rec.get("status"), "e": rec.get("error")}
+    cell: dict[str, Any] = {"s": rec.status, "e": rec.error}
     folder = os.fspath(row.run.folder)
-    if outputs.get("overlay"):
-        cell["o"] = link(os.path.join(folder, outputs["overlay"]), out)
-    if outputs.get("npy"):
-        cell["n"] = link(os.path.join(folder, outputs["npy"]), out)
+    for short, what in (("o", rec.overlay), ("n", rec.npy)):
+        target = files.link(os.path.join(folder, what)) if what else None
+        if target is not None:
+            cell[short] = target
     if thumb:
         cell["t"] = thumb
-    if isinstance(rec.get("score"), int | float):
-        cell["p"] = rec["score"]
+    if rec.score is not None:
+        cell["p"] = rec.score
     if values is not None:
         cell["m"] = values
     return cell
 
 
-def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[int, str],
+def build_rows(runs: list[RunData], columns: list[str], files: Files, thumbs: dict[int, str],
                metrics: Metrics) -> list[dict[str, Any]]:
     """One row per (image key, file digest, target): {"k": key, "i": image path, "h": link to the image, "g":
     target, "l": class name, "p": probability, "s": status, "c": {column index: cell}}, each cell {"s": status,
@@ -178,15 +233,15 @@ def build_rows(runs: list[RunData], columns: list[str], out: Path, thumbs: dict[
             ident = _row_id(rec)
             row = rows.get(ident)
             if row is None:
-                row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": str(rec.get("image"))}
-                image = r.image
-                if os.path.isfile(image):
-                    row["h"] = link(image, out)
-            if row.get("l") is None and rec.get("label") is not None:
-                row["l"] = rec.get("label")
-            if row.get("p") is None and isinstance(rec.get("score"), int | float):
-                row["p"] = rec["score"]
-            row["c"][str(col[r.label])] = _cell(r, out, thumbs.get(id(r)), metrics.cell(r))
+                row = rows[ident] = {"k": ident[0], "c": {}, "s": "ok", "g": ident[2], "i": rec.image}
+                image = files.image(r)
+                if image is not None:
+                    row["h"] = image
+            if row.get("l") is None and rec.label is not None:
+                row["l"] = rec.label
+            if row.get("p") is None and rec.score is not None:
+                row["p"] = rec.score
+            row["c"][str(col[r.label])] = _cell(r, files, thumbs.get(id(r)), metrics.cell(r))
     for row in rows.values():
         statuses = {c["s"] for c in row["c"].values()}
         row["s"] = "error" if "error" in statuses else ("ok" if "ok" in statuses else "skipped")
@@ -216,8 +271,8 @@ def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Prog
     jobs: list[tuple[Row, Path, Path]] = []
     for i, run in enumerate(runs):
         for row in run.rows:
-            overlay = (row.record.get("outputs") or {}).get("overlay")
-            if overlay and row.record.get("status") in ("ok", "skipped"):
+            overlay = row.record.overlay
+            if overlay and row.record.status in ("ok", "skipped"):
                 jobs.append((row, run.folder / overlay, out / THUMBS / f"r{i}" / Path(overlay).with_suffix(".jpg")))
     unique = sorted({(src, dst) for _, src, dst in jobs})
     made: dict[Path, str] = {}
@@ -232,15 +287,6 @@ def make_thumbnails(runs: list[RunData], out: Path, size: int, on_progress: Prog
 
 
 # -- metrics (evaluation.json) and comparisons (comparison.json) ---------------------------------------------
-def _load_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        warnings.append(f"{path}: cannot read it ({e})")
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _base_label(label: str, run: RunData) -> str:
     """A method label without the run prefix `assign_labels` (or a multi-run evaluate) put in front of it."""
     for prefix in _prefixes(run.name, str(run.folder)):
@@ -303,15 +349,16 @@ class Metrics:
         return [finite(vals.get(n)) for n in self.names]
 
 
-def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings: list[str]) -> list[dict[str, Any]]:
+def read_evaluations(runs: list[RunData], files: Files, metrics: Metrics, warnings: list[str]
+                     ) -> list[dict[str, Any]]:
     """Every run folder's evaluation.json: per-image metrics attached to rows; returns the summaries to show."""
     shown, seen = [], set()
     for run in runs:
-        path = run.folder / "evaluation.json"
+        path = run.folder / EVALUATION
         if not path.is_file() or path.resolve() in seen:
             continue
         seen.add(path.resolve())
-        data = _load_json(path, warnings)
+        data = read_result(path, warnings)
         if data is None:
             continue
         for name, meta in (data.get("metrics") or {}).items():
@@ -330,17 +377,18 @@ def read_evaluations(runs: list[RunData], out: Path, metrics: Metrics, warnings:
         table = [{"name": name, "higher_is_better": bool(meta.get("higher_is_better")), "summary": meta.get("summary"),
                   "cells": [mean_text((summary[label] or {}).get(name)) for label in summary]}
                  for name, meta in (data.get("metrics") or {}).items()]
-        shown.append({"path": link(path, out), "run": run.name, "labels": list(summary), "table": table,
+        shown.append({"path": files.link(path), "run": run.name, "labels": list(summary), "table": table,
                       "gates": [g.get("message") for g in data.get("gates") or []]})
     return shown
 
 
 def mean_text(stat: dict[str, Any] | None) -> str:
-    """`mean ± ci95` of a {"mean", "ci95", "n"} summary, `-` when there is no value."""
+    """`mean ± ci95 (n=N)` of a {"mean", "ci95", "n"} summary (n: the images with a value), `-` when there is
+    no value."""
     if not stat or stat.get("mean") is None:
         return "-"
     text = f"{stat['mean']:.3g}"
-    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "")
+    return text + (f" \u00b1 {stat['ci95']:.2g}" if stat.get("ci95") is not None else "") + f" (n={stat.get('n', 0)})"
 
 
 def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
@@ -349,17 +397,17 @@ def comparison_files(runs: list[RunData], given: Path | None) -> list[Path]:
         if not given.is_file():
             raise UsageError(f"--comparison {given}: no such file")
         return [given]
-    found = {(run.folder / "comparison.json").resolve() for run in runs if (run.folder / "comparison.json").is_file()}
+    found = {(run.folder / COMPARISON).resolve() for run in runs if (run.folder / COMPARISON).is_file()}
     return sorted(found)
 
 
-def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics: Metrics,
+def read_comparisons(runs: list[RunData], paths: list[Path], files: Files, metrics: Metrics,
                      warnings: list[str]) -> list[dict[str, Any]]:
     """Each comparison.json: its values attached to the cells of both runs when they are in the report, and a
     section (summary per method, the most changed pairs with their strips) to show."""
     sections = []
-    for path in files:
-        data = _load_json(path, warnings)
+    for path in paths:
+        data = read_comparison(path, warnings)
         if data is None:
             continue
         a, b = data.get("run_a") or {}, data.get("run_b") or {}
@@ -376,11 +424,11 @@ def read_comparisons(runs: list[RunData], files: list[Path], out: Path, metrics:
                 entry = pair.get(side) or {}
                 metrics.set(run, entry.get("key"), entry.get("target"), entry.get("method"),
                             {shown_name: pair.get(n) for n, shown_name in names.items()})
-        shown = [{**p, "strip_link": link(path.parent / p["strip"], out) if p.get("strip") else None}
+        shown = [{**p, "strip_link": files.link(path.parent / p["strip"]) if p.get("strip") else None}
                  for p in pairs[:20]]
         table = [{"label": label, "spearman": mean_text(st.get("spearman")), "iou": mean_text(st.get("iou")),
                   "n": (st.get("spearman") or {}).get("n", 0)} for label, st in (data.get("summary") or {}).items()]
-        sections.append({"path": link(path, out), "a": a, "b": b, "table": table,
+        sections.append({"path": files.link(path), "a": a, "b": b, "table": table,
                          "pairs": shown, "total": len(pairs), "pool": (data.get("options") or {}).get("pool", "?"),
                          "top_pct": f"{100 * float((data.get('options') or {}).get('top', 0.1)):g}",
                          "only_a": len(data.get("only_a") or []), "only_b": len(data.get("only_b") or []),
@@ -403,12 +451,12 @@ def _short(value: Any) -> str:
 PER_IMAGE = {"seed", "sigma", "noise_absolute"}  # shown as the sigma column (or the run's seed), not settings
 
 
-def shared_settings(records: list[dict[str, Any]]) -> str:
+def shared_settings(records: list[Record]) -> str:
     """The hyper-parameters of a method's records, `k=v, ...`; a value that differs between images (an adaptive
     noise level) as `k=lo to hi`."""
     values: dict[str, list[Any]] = defaultdict(list)
     for rec in records:
-        params = rec.get("params") or {}
+        params = rec.params
         for k, v in params.items():
             if k not in PER_IMAGE and not (k == "noise_relative" and "noise" in params):  # the same number twice
                 values[k].append(v)
@@ -426,24 +474,23 @@ def shared_settings(records: list[dict[str, Any]]) -> str:
 
 def _method_rows(run: RunData) -> list[dict[str, Any]]:
     """Per method label: its shared settings, the absolute noise sigma over images, counts and seconds/image."""
-    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_label: dict[str, list[Record]] = defaultdict(list)
     for row in run.rows:
         by_label[row.label].append(row.record)
     out = []
     for label, recs in by_label.items():
-        ok = [r for r in recs if r.get("status") in ("ok", "skipped")]
+        ok = [r for r in recs if r.status in ("ok", "skipped")]
         settings = shared_settings(ok or recs)
-        sigmas = sorted(float(r["params"]["sigma"]) for r in ok
-                        if isinstance((r.get("params") or {}).get("sigma"), int | float))
-        seconds = [float(r.get("seconds") or 0.0) for r in ok if r.get("status") == "ok"]
+        sigmas = sorted(float(r.params["sigma"]) for r in ok if isinstance(r.params.get("sigma"), int | float))
+        seconds = [r.seconds for r in ok if r.status == "ok"]
         sigma = None
         if sigmas:
             sigma = _short(sigmas[0]) if sigmas[0] == sigmas[-1] else f"{_short(sigmas[0])} to {_short(sigmas[-1])}"
-        out.append({"label": label, "method": recs[0].get("method"),
+        out.append({"label": label, "method": recs[0].method,
                     "settings": settings,
-                    "sigma": sigma, "ok": sum(r.get("status") == "ok" for r in recs),
-                    "skipped": sum(r.get("status") == "skipped" for r in recs),
-                    "error": sum(r.get("status") == "error" for r in recs),
+                    "sigma": sigma, "ok": sum(r.status == "ok" for r in recs),
+                    "skipped": sum(r.status == "skipped" for r in recs),
+                    "error": sum(r.status == "error" for r in recs),
                     "seconds": sum(seconds) / len(seconds) if seconds else None})
     return out
 
@@ -456,7 +503,7 @@ def display_text(opts: dict[str, Any]) -> str:
             f"{_short(pct)}th percentile")
 
 
-def run_summary(run: RunData, out: Path) -> dict[str, Any]:
+def run_summary(run: RunData, files: Files) -> dict[str, Any]:
     """What the header says about a run: where, how (command, model, data config, seed, versions), counts."""
     info = run.info
     opts = info.get("options") or {}
@@ -464,10 +511,10 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
     model_text = {k: (Path(v).name if isinstance(v, str) and os.sep in v else v) for k, v in model.items()
                   if k not in ("files", "sha256")}
     sha = model.get("sha256") or {}
-    statuses = [row.record.get("status") for row in run.rows]
+    statuses = [row.record.status for row in run.rows]
     command = info.get("command") or []
     return {
-        "name": run.name, "folder": str(run.folder), "link": link(run.folder, out) + "/",
+        "name": run.name, "folder": str(run.folder), "link": files.folder(run),
         "command": shlex.join(["saliency", *command[1:]]) if command else "", "cwd": info.get("cwd"),
         "model": _short(model_text), "model_sha": {k: str(v)[:12] for k, v in sha.items()},
         "data_config": _short(info.get("data_config") or {}), "device": info.get("device"),
@@ -475,7 +522,7 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
         "display": display_text(opts),
         "versions": _short(info.get("versions") or {}), "started": info.get("started"),
         "finished": info.get("finished"), "interrupted": info.get("interrupted"),
-        "images": len({row.record.get("key") for row in run.rows}),
+        "images": len({row.record.key for row in run.rows}),
         "counts": {s: statuses.count(s) for s in ("ok", "skipped", "error")},
         "methods": _method_rows(run), "bad_lines": run.bad_lines,
     }
@@ -483,9 +530,9 @@ def run_summary(run: RunData, out: Path) -> dict[str, Any]:
 
 def error_list(runs: list[RunData]) -> list[dict[str, Any]]:
     """Every failed map with its reason, sorted by image and method."""
-    errors = [{"run": run.name, "key": str(row.record.get("key")), "image": str(row.record.get("image")),
-               "method": row.label, "error": str(row.record.get("error") or "no reason recorded")}
-              for run in runs for row in run.rows if row.record.get("status") == "error"]
+    errors = [{"run": run.name, "key": row.record.key, "image": row.record.image,
+               "method": row.label, "error": row.record.error or "no reason recorded"}
+              for run in runs for row in run.rows if row.record.status == "error"]
     return sorted(errors, key=lambda e: (e["key"], e["method"], e["run"]))
 
 
@@ -531,20 +578,23 @@ def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Re
     metrics = Metrics()
     for run in runs:
         for row in run.rows:
-            if row.record.get("target") is not None:
-                metrics.index[(str(run.folder), str(row.record.get("key")), int(row.record["target"]),
+            if row.record.target is not None:
+                metrics.index[(str(run.folder), row.record.key, row.record.target,
                                _base_label(row.label, run))] = row
-    evaluations = read_evaluations(runs, out, metrics, warnings)
-    comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), out, metrics, warnings)
+    files = Files(out, runs, external=opts.link)
+    evaluations = read_evaluations(runs, files, metrics, warnings)
+    comparisons = read_comparisons(runs, comparison_files(runs, opts.comparison), files, metrics, warnings)
     thumbs = make_thumbnails(runs, out, opts.thumb_size, on_progress)
-    rows = build_rows(runs, columns, out, thumbs, metrics)
+    rows = build_rows(runs, columns, files, thumbs, metrics)
     errors = error_list(runs)
     from saliency_cli import __version__
 
     meta = {"columns": columns, "pageSize": opts.page_size, "thumb": opts.thumb_size,
             "metrics": [{"name": n, "higherIsBetter": metrics.meta[n]["higher_is_better"],
                          "summary": metrics.meta[n]["summary"]} for n in metrics.names]}
-    context = {"runs": [run_summary(run, out) for run in runs], "columns": columns, "metrics": metrics.names,
+    external = opts.link and not all(files.inside(_absolute(os.fspath(run.folder))) for run in runs)
+    context = {"runs": [run_summary(run, files) for run in runs], "columns": columns, "metrics": metrics.names,
+               "external": external,
                "metric_meta": metrics.meta, "evaluations": evaluations, "comparisons": comparisons,
                "errors": errors, "rows": rows, "meta": meta, "n_rows": len(rows), "version": __version__,
                "warnings": warnings, "page_size": opts.page_size}

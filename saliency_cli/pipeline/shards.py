@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from saliency_cli.errors import UsageError
+from saliency_cli.runfolder.parts import manifest_name
+from saliency_cli.runfolder.runinfo import run_name
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,10 @@ class Shard:
         return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
 
     def manifest_name(self) -> str:
-        return f"manifest{self.suffix}.jsonl"
+        return manifest_name(self.suffix)
 
     def run_name(self) -> str:
-        return f"run{self.suffix}.json"
+        return run_name(self.suffix)
 
     def owns(self, key: str) -> bool:
         return self.count == 1 or shard_of(key, self.count) == self.index

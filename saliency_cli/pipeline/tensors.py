@@ -1,18 +1,19 @@
 """Tensors in, maps out (`saliency_cli.attribute`), and what `explain` shares with it: models given in memory
-and the run-level resolution of `auto` settings.
+and the oracle and device rules.
 
 `attribute_tensors` runs one registered method as `saliency explain` does: the same validation and defaults
-(plan.make_jobs), the same oracle and chunking, one generator per image, the same context and run-level
-resolvers. So a deterministic method gives the command line's map for the same preprocessed image, and a
-stochastic one does too when given the generator seed the command line derived for the image,
-`data.image_seed(run seed, sha256 of the file's bytes)` (run.json's `options.seed`, the manifest's `sha256`).
+(plan.make_jobs), the same oracle and chunking, one generator per image, the same context (a method resolves
+its `auto` settings, e.g. weight noise, on each image itself). So a deterministic method gives the command
+line's map for the same preprocessed image, and a stochastic one does too when given the generator seed the
+command line derived for the image, `data.image_seed(run seed, sha256 of the file's bytes)` (run.json's
+`options.seed`, the manifest's `sha256`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,28 +27,6 @@ from saliency_cli.models import LoadedModel, LogitsOnly, in_memory_model, load_m
 from saliency_cli.numerics import seeded_generator
 from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
 from saliency_cli.pipeline.plan import ExplainOptions, Job, make_jobs, validate
-
-CALIBRATION_IMAGES = 16  # images that run-level resolvers (weight noise `auto`) calibrate on
-
-
-# -- shared with explain ----------------------------------------------------------------------------------
-def resolve_run_level(jobs: list[Job], oracle: GradientOracle, images: Callable[[], torch.Tensor],
-                      ctx: MethodContext) -> dict[str, Any]:
-    """Run-level values (`--weight-noise auto`) resolved once by the methods' registered resolvers, on the
-    calibration images `images()` (asked for once, and only when a value needs them); every job then uses the
-    same number. Returns the resolved values by setting name."""
-    resolved: dict[str, Any] = {}
-    calibration: list[torch.Tensor] = []
-    for job in jobs:
-        for name, resolver in job.method.resolvers.items():
-            if job.hyper.get(name) != "auto":
-                continue
-            if name not in resolved:
-                if not calibration:
-                    calibration.append(images())
-                resolved[name] = float(resolver("auto", oracle, calibration[0], ctx))
-            job.hyper[name] = resolved[name]
-    return resolved
 
 
 class InMemory:
@@ -261,6 +240,5 @@ def attribute_tensors(model: torch.nn.Module | LoadedModel, x: torch.Tensor, met
                         scorer=lambda metric, o, xs, t, maps: score_maps(metric, o, xs, t, maps, input_range))
     targets = _targets(target, oracle, xd, module)
     generators = [seeded_generator(s, device) for s in _image_seeds(image_seeds, seed, xd)]
-    resolve_run_level([job], oracle, lambda: xd[:CALIBRATION_IMAGES], ctx)
     result = job.method.fn(oracle, xd, targets, generators=generators, ctx=ctx, **job.hyper)
     return Attribution(result.maps.float().to(x.device), {k: v.to(x.device) for k, v in result.stats.items()})

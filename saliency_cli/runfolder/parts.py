@@ -1,43 +1,37 @@
-"""`saliency merge OUT`: the shards' manifest parts and run records of one output folder as the single
-`manifest.jsonl` and `run.json` that tools expecting one file read. Idempotent: a merged folder has no parts left,
-and merging it again changes nothing. Readers of this package read every part anyway (writers.read_manifests)."""
+"""The shard parts of a run folder and `saliency merge OUT`: a shard of N > 1 writes `manifest.shard-I-of-N.jsonl`
+and `run.shard-I-of-N.json`; merging makes them the single `manifest.jsonl` and `run.json` that tools expecting
+one file read. Idempotent: a merged folder has no parts left, and merging it again changes nothing. Readers of
+this package read every part anyway (records.read_manifests)."""
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from saliency_cli.errors import UsageError
-from saliency_cli.writers import RunLock, read_manifest, write_bytes, write_json
+from saliency_cli.runfolder.records import MANIFEST, Record, read_manifest, record_line
+from saliency_cli.runfolder.runinfo import RUN, load_info, shard_run_records, write_info
+from saliency_cli.writers import RunLock, write_bytes
+
+
+def manifest_name(suffix: str = "") -> str:
+    """The manifest's file name: `manifest.jsonl`, or a shard's `manifest.shard-I-of-N.jsonl`."""
+    return f"manifest{suffix}.jsonl"
 
 
 def _shard_parts(folder: Path) -> tuple[list[Path], list[Path]]:
     manifests = sorted(folder.glob("manifest.shard-*.jsonl"))
-    runs = sorted(folder.glob("run.shard-*.json"))
-    return manifests, runs
+    return manifests, shard_run_records(folder)
 
 
-def _run_records(paths: list[Path]) -> list[dict[str, Any]]:
-    out = []
-    for path in paths:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict):
-            out.append(data)
-    return out
-
-
-def _summary(base: dict[str, Any], shards: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(base: dict[str, Any], shards: list[dict[str, Any]], records: list[Record]) -> dict[str, Any]:
     """run.json of the merged folder: the first record's model, data config and options, every shard's own
     record under `shards`, counts from the merged manifest, the earliest start and the latest end."""
     summary = dict(base)
     counts = {"ok": 0, "error": 0, "skipped": 0}
     for rec in records:
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        counts[rec.status] = counts.get(rec.status, 0) + 1
     every = [base, *shards] if "shards" not in base else [*base["shards"], *shards]
     summary["shards"] = [{k: s.get(k) for k in ("shard", "started", "finished", "counts", "interrupted", "device",
                                                 "inputs")} for s in every if s.get("shard")]
@@ -54,7 +48,7 @@ def merge_folder(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
     manifests, runs = _shard_parts(folder)
-    whole = folder / "manifest.jsonl"
+    whole = folder / MANIFEST
     if not manifests and not runs:
         return {"merged": 0, "records": len(read_manifest(whole).records), "folder": str(folder)}
     with ExitStack() as stack:
@@ -64,14 +58,13 @@ def merge_folder(folder: Path) -> dict[str, Any]:
         records = list(content.records)
         for part in manifests:
             records += read_manifest(part).records
-        lines = "".join(json.dumps(rec, default=str, allow_nan=False) + "\n" for rec in records)
-        write_bytes(whole, lines.encode("utf-8"))  # atomic: the parts are removed only once it is whole
-        shard_records = _run_records(runs)
-        existing = _run_records([folder / "run.json"])
+        write_bytes(whole, b"".join(record_line(rec) for rec in records))  # atomic: parts removed once it is whole
+        shard_records = [load_info(path) for path in runs]
+        existing = [load_info(folder / RUN)] if (folder / RUN).is_file() else []
         if existing:
-            write_json(folder / "run.json", _summary(existing[0], shard_records, records))
+            write_info(folder, _summary(existing[0], shard_records, records))
         elif shard_records:
-            write_json(folder / "run.json", _summary(shard_records[0], shard_records[1:], records))
+            write_info(folder, _summary(shard_records[0], shard_records[1:], records))
         for path in [*manifests, *runs]:
             path.unlink()
     return {"merged": len(manifests), "records": len(records), "folder": str(folder)}

@@ -8,7 +8,7 @@
   band), `sanity_randomization.png`, `sanity_perturbation.png`, `bar_<metric>.png` (method means, CI bars).
 
 Every file is written to a temporary name and renamed. `pipeline/evaluate.py` builds the `Evaluation`; this
-module only reads it (and never imports that one).
+module writes its files and reads evaluation.json back (`read_result`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from saliency_cli.metrics import METRICS, SANITY_CHECKS, higher_is_better
-from saliency_cli.writers import finite, write_bytes
+from saliency_cli.writers import finite, jsonable, write_bytes
 
 PLOT_DIR = "evaluation_plots"
+EVALUATION = "evaluation.json"
+
+
+def read_result(path: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """A result file (evaluation.json, comparison.json) as a dict; None, with a warning, when it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.append(f"{path}: cannot read it ({e})")
+        return None
+    return data if isinstance(data, dict) else None
 CURVE_PLOTS = ("deletion", "insertion", "aupc")
 
 
@@ -74,11 +85,6 @@ class Evaluation:
                 "seconds_per_image": self.timing, "gates": [f.__dict__ | {"message": f.message()}
                                                              for f in self.failures],
                 "warnings": self.warnings, "errors": self.errors, "scored": self.scored}
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as JSON would read it back (tuples as lists, paths and other objects as strings)."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def _metadata(name: str, info: dict[str, Any]) -> dict[str, Any]:

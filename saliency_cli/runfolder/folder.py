@@ -1,5 +1,5 @@
-"""Reading `explain` run folders back: run.json and the manifest's finished maps, method labels, the images and
-maps they name, and the model they were made with."""
+"""A run folder read back: run.json and the current records as rows, their method labels, the images and maps
+they name, and the model they were made with."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 from saliency_cli.data import decode, file_digest, image_seed, preprocess
 from saliency_cli.errors import ModelError, SaliencyError, UsageError
 from saliency_cli.models import LoadedModel, load_model_from_source
-from saliency_cli.writers import read_manifests, run_record
+from saliency_cli.runfolder.current import current
+from saliency_cli.runfolder.records import Record, manifest_parts, read_manifests
+from saliency_cli.runfolder.runinfo import read_info
 
 PARAM_NOISE = {"seed", "sigma", "noise_absolute", "noise_relative"}  # per-run or per-image values that do not
 # tell methods apart
@@ -26,19 +28,20 @@ class Row:
     """One map to score: a manifest record of a run, with its method label."""
 
     run: RunData
-    record: dict[str, Any]
+    record: Record
     label: str = ""
 
     @property
     def image(self) -> str:
         """The image path; a relative one is taken from the folder `explain` ran in (run.json's `cwd`)."""
-        path = Path(str(self.record["image"]))
+        path = Path(self.record.image)
         cwd = self.run.info.get("cwd")
         return str(Path(cwd) / path if cwd and not path.is_absolute() else path)
 
     @property
     def target(self) -> int:
-        return int(self.record["target"])
+        assert self.record.target is not None
+        return int(self.record.target)
 
 
 @dataclass
@@ -60,33 +63,25 @@ class RunData:
         return str((self.info.get("options") or {}).get("score") or "logit")
 
 
-def _settings(record: dict[str, Any]) -> dict[str, Any]:
-    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE)."""
-    return {k: v for k, v in (record.get("params") or {}).items() if k not in PARAM_NOISE}
+def _settings(record: Record) -> dict[str, Any]:
+    """A record's hyper-parameters without those that differ per run or image (PARAM_NOISE, per-image `auto`)."""
+    return {k: v for k, v in record.asked.items() if k not in PARAM_NOISE}
 
 
-def read_run(folder: Path) -> RunData:
-    """run.json and the usable manifest records (status ok or skipped, with a .npy; the last record of an
-    (image, method, settings, target) wins, as a re-run appends)."""
-    try:
-        info = json.loads(run_record(folder).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{folder}/run.json: cannot read it ({e})") from None
-    if not isinstance(info, dict) or "model" not in info or "data_config" not in info:
-        raise UsageError(f"{folder}/run.json: no model source or data config recorded")
+def read_run(folder: Path, *, maps_only: bool = True, require_model: bool = True) -> RunData:
+    """run.json and the current records of the folder (`current.current`): with `maps_only` only those with a
+    map (status ok or skipped, a .npy and a target), else every status."""
+    folder = Path(folder)
+    if not folder.is_dir() or not manifest_parts(folder):
+        raise UsageError(f"{folder} is not an explain run folder (no manifest.jsonl)")
+    info = read_info(folder, require_model=require_model)
     run = RunData(folder, folder.resolve().name or str(folder), info)
-    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     content = read_manifests(folder)
     run.bad_lines = content.bad_lines
-    for rec in content.records:
-        if rec.get("status") not in ("ok", "skipped") or not (rec.get("outputs") or {}).get("npy"):
-            continue
-        if rec.get("target") is None:
-            continue
-        ident = (rec.get("key"), rec.get("method"), json.dumps(_settings(rec), sort_keys=True, default=str),
-                 rec.get("target"))
-        latest[ident] = rec
-    run.rows = [Row(run, rec) for rec in latest.values()]
+    records = current(content.records, folder)
+    if maps_only:
+        records = [r for r in records if r.status in ("ok", "skipped") and r.npy and r.target is not None]
+    run.rows = [Row(run, rec) for rec in records]
     return run
 
 
@@ -96,9 +91,9 @@ def _label_settings(run: RunData) -> None:
     settings: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in run.rows:
         params = _settings(row.record)
-        settings[row.record["method"]][json.dumps(params, sort_keys=True, default=str)] = params
+        settings[row.record.method][json.dumps(params, sort_keys=True, default=str)] = params
     for row in run.rows:
-        method = row.record["method"]
+        method = row.record.method
         variants = settings[method]
         if len(variants) == 1:
             row.label = method
@@ -158,7 +153,7 @@ def load_image(row: Row, cfg: dict[str, Any], device: torch.device) -> LoadedIma
         raise SaliencyError(f"cannot read the image ({e.strerror or e}); manifest paths are relative to "
                             "the folder explain ran in") from None
     digest = file_digest(data)
-    recorded = row.record.get("sha256")
+    recorded = row.record.sha256
     if recorded and recorded != digest:
         raise SaliencyError("the image file changed since the run (sha256 differs)")
     img = decode(data, data_config=cfg)
@@ -168,7 +163,7 @@ def load_image(row: Row, cfg: dict[str, Any], device: torch.device) -> LoadedIma
 
 def load_map(row: Row, shape: tuple[int, int]) -> np.ndarray:
     """The stored map as (H, W) float32; a (C, H, W) map becomes sum_c |m_c|; another size is resized."""
-    path = row.run.folder / row.record["outputs"]["npy"]
+    path = row.run.folder / str(row.record.npy)
     try:
         m = np.load(path, allow_pickle=False).astype(np.float32)
     except (OSError, ValueError) as e:
