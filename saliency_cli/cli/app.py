@@ -116,4 +116,5 @@ def main(argv: list[str] | None = None) -> None:
     if SIGNALS or code == ExitCode.INTERRUPTED:  # Typer turns any interrupt inside a command into 130
         code = ExitCode.TERMINATED if signal.SIGTERM in SIGNALS else ExitCode.INTERRUPTED
         err.print("saliency: terminated" if code == ExitCode.TERMINATED else "saliency: interrupted", markup=False)
+    SIGNALS.clear()  # reported: a later main() in this process (tests, notebooks) starts afresh
     sys.exit(code)
