@@ -81,7 +81,7 @@ class Setting:
     def help_text(self) -> str:
         """The help with the choices listed (`NAME` stands for one of them) and `or auto` where allowed."""
         text = self.help
-        if self.choices:
+        if self.choices and not all(c in text for c in self.choices):  # unless the help names them already
             text += ": " + ", ".join(self.choices)
         if self.auto and "auto" not in text:
             text += " (or auto)"
