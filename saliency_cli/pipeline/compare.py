@@ -140,7 +140,7 @@ def check_options(opts: CompareOptions) -> None:
     """Usage errors before any map is read."""
     for name in opts.fail_under:
         if name not in GATE_METRICS:
-            raise unknown("--fail-under", "comparison measure", name, GATE_METRICS)
+            raise unknown(f"--fail-under {name}", "comparison measure", name, GATE_METRICS)
     if not 2 <= opts.pool <= 1024:
         raise UsageError("--pool must be between 2 and 1024 (pixels per side)")
     if not 0 < opts.top <= 1:
