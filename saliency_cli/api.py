@@ -106,9 +106,23 @@ def describe_model(model: str = "default", *, checkpoint: str | None = None, dev
     num_classes = class_count(loaded)
     attach_default_labels(loaded, num_classes)
     parameters = sum(p.numel() for p in loaded.module.parameters())
-    return {"model": loaded.source, "data_config": loaded.data_config, "num_classes": num_classes,
-            "labels": "yes" if loaded.labels else "no", "parameters": parameters,
-            "device": str(dev), "versions": versions()}
+    described = {"model": loaded.source, "data_config": loaded.data_config, "num_classes": num_classes,
+                 "labels": "yes" if loaded.labels else "no", "parameters": parameters,
+                 "device": str(dev), "versions": versions()}
+    if loaded.data_config.get("crop_mode") == "processor":
+        from saliency_cli.models import describe_processor
+
+        described["preprocessing"] = describe_processor(loaded.data_config)
+    return described
+
+
+def data_config_from(processor: Any) -> dict[str, Any]:
+    """The data config of a Hugging Face image processor (e.g. `AutoImageProcessor.from_pretrained(folder)`), for
+    `attribute(model, x, data_config=...)` and `explain(model=..., data_overrides=...)`: its input size and the
+    mean and std of its pixel mapping; `data.preprocess` with it runs the processor's PIL backend itself."""
+    from saliency_cli.models import data_config_from as from_processor
+
+    return from_processor(processor)
 
 
 def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str = "fusiongrad",

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from saliency_cli.errors import ImageError, UsageError
 from saliency_cli.numerics import derive_seed
+from saliency_cli.processors import processor_preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -170,7 +171,9 @@ def decode(data: bytes, name: str = "image", *, max_pixels: int = MAX_PIXELS,
         raise ImageError("empty file")
     img = _open(data, max_pixels)
     original = img.size
-    needed = crop_geometry(original[0], original[1], data_config)[0] if data_config is not None else None
+    needed = None  # an image processor (crop mode `processor`) is given the image as decoded, never reduced
+    if data_config is not None and data_config.get("crop_mode") != "processor":
+        needed = crop_geometry(original[0], original[1], data_config)[0]
     if needed is not None and img.format == "JPEG" and min(
             original[0] / max(1, needed[0]), original[1] / max(1, needed[1])) >= DRAFT_FACTOR:
         img.draft("RGB", (2 * needed[0], 2 * needed[1]))
@@ -227,10 +230,13 @@ def crop_geometry(width: int, height: int, cfg: dict[str, Any]) -> tuple[tuple[i
 def preprocess(img: Image.Image, cfg: dict[str, Any]) -> tuple[torch.Tensor, list[float]]:
     """An RGB image to the model's normalised input (C, H, W) and the crop box in original pixels.
 
-    crop_box is [left, top, right, bottom] of the region the model saw, in the original image's pixels.
+    crop_box is [left, top, right, bottom] of the region the model saw, in the original image's pixels. A
+    Hugging Face model's config (crop mode `processor`) runs its own image processor (processors.py).
     """
     from torchvision.transforms import functional as F
 
+    if cfg.get("crop_mode") == "processor":
+        return processor_preprocess(img, cfg["processor"], cfg["input_size"])
     c, th, tw = cfg["input_size"]
     (rw, rh), (left, top, right, bottom) = crop_geometry(img.width, img.height, cfg)
     if rw * rh > RESIZE_LIMIT * th * tw:

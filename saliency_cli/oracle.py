@@ -327,18 +327,20 @@ class GradientOracle:
     for autocast; gradients and scores are always returned in float32. fast: a private `FastModel` of `model`
     (`fast_copy`) that runs every pass instead of the model (parameter edits of the model reach it: it refolds).
     compile: wrap the network in `torch.compile` once, on first use. `model` is always the user's object: its
-    parameters are the ones `parameters_edited` writes.
+    parameters are the ones `parameters_edited` writes. probability: how `prob` and `logprob` scores are taken
+    from the logits: `softmax`, or `sigmoid` for a multi-label model.
     """
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int = 16, score: str = "logit",
                  precision: str = "fp32", auto_backoff: bool = False, fast: FastModel | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, probability: str = "softmax") -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}")
         self.model = model
         self.fast = fast
         self.batch_size = max(1, int(batch_size))
         self.score = score
+        self.sigmoid = probability == "sigmoid"
         self.precision = precision
         self.auto_backoff = auto_backoff
         self.compile = compile
@@ -391,9 +393,9 @@ class GradientOracle:
     def _select(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.score == "prob":
-            logits = logits.softmax(-1)
+            logits = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
         elif self.score == "logprob":
-            logits = logits.log_softmax(-1)
+            logits = torch.nn.functional.logsigmoid(logits) if self.sigmoid else logits.log_softmax(-1)
         return logits.gather(1, target.view(-1, 1)).squeeze(1)
 
     # -- the oracle -------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "saliency_cli"
 # Layers from the top: a module may import its own package and anything in a lower layer.
 LAYERS = [{"__main__"}, {"cli"}, {"api"}, {"pipeline"}, {"runfolder"}, {"methods", "metrics"},
-          {"oracle", "models", "render"}, {"data", "reduce", "writers"}, {"numerics"}, {"errors"}]
+          {"oracle", "models", "render"}, {"data", "reduce", "writers"}, {"processors"}, {"numerics"}, {"errors"}]
 LOWEST = {"__init__"}  # the package's own version module
 # Inside saliency_cli.models, from the top: the entry point, the sources, then what they share.
 MODEL_LAYERS = [{"__init__"}, {"loader"}, {"in_memory"}, {"default", "timm_source", "programs"},
-                {"torchvision_source"}, {"labels", "fitting"}, {"checkpoints", "outputs", "data_config"},
-                {"provenance", "loaded"}, {"messages"}]
+                {"torchvision_source", "transformers_source"}, {"labels", "fitting"},
+                {"checkpoints", "outputs", "data_config"}, {"provenance", "loaded"}, {"messages"}]
 
 
 def module_name(path: Path) -> str:

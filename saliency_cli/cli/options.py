@@ -40,7 +40,8 @@ def setting_option(row: Setting) -> inspect.Parameter:
 
 Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME", rich_help_panel=MODEL,
                                     help="'default' (the bundled EfficientNet-Lite0), a timm name, torchvision:NAME, "
-                                    "local-dir:PATH, hf-hub:NAME, or a TorchScript/.pt2 file")]
+                                    "local-dir:PATH, hf-hub:NAME, a Hugging Face transformers folder or "
+                                    "transformers:ORG/NAME (cache), or a TorchScript/.pt2 file")]
 Checkpoint = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=MODEL,
                                                 help="Local weights (.safetensors, or a .pth/.pt state dict or "
                                                 "training checkpoint, read without unpickling code)")]

@@ -35,7 +35,9 @@ def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"mean and std need {c} values, one per input channel")
     if any(s <= 0 for s in out["std"]):
         raise UsageError("std values must be positive")
-    if out["crop_mode"] not in ("center", "squash"):
+    if out["crop_mode"] == "processor" and isinstance(cfg.get("processor"), dict):
+        out["processor"] = cfg["processor"]  # a Hugging Face image processor's record (processors.py)
+    elif out["crop_mode"] not in ("center", "squash"):
         raise UsageError(f"crop mode {out['crop_mode']!r} is not supported (center or squash)")
     return out
 

@@ -16,6 +16,8 @@ from saliency_cli.models.loaded import LoadedModel
 from saliency_cli.models.outputs import LogitsOnly
 from saliency_cli.models.provenance import state_dict_sha256
 from saliency_cli.models.timm_source import _timm_data_config
+from saliency_cli.models.transformers_source import _labels as config_labels
+from saliency_cli.models.transformers_source import probability_of
 
 
 def module_data_config(module: torch.nn.Module) -> dict[str, Any] | None:
@@ -24,6 +26,15 @@ def module_data_config(module: torch.nn.Module) -> dict[str, Any] | None:
     if not isinstance(getattr(module, "pretrained_cfg", None), Mapping):
         return None
     return _normalise_config(_timm_data_config(module, {}))
+
+
+def module_probability(model: torch.nn.Module | LoadedModel) -> str:
+    """`sigmoid` for a multi-label model (a LoadedModel's source says; a transformers model's config.problem_type),
+    else `softmax`."""
+    if isinstance(model, LoadedModel):
+        return model.probability
+    config = getattr(model, "config", None)
+    return probability_of(config) if config is not None else "softmax"
 
 
 def in_memory_model(model: torch.nn.Module | LoadedModel, *, data_config: dict[str, Any] | None = None,
@@ -52,8 +63,13 @@ def in_memory_model(model: torch.nn.Module | LoadedModel, *, data_config: dict[s
                              f"missing): {how}, e.g. input_size (3, 224, 224) and a mean and std per channel")
         k = getattr(model, "num_classes", None)
         source = {"kind": "module", "name": type(model).__name__, "sha256": {"state_dict": state_dict_sha256(model)}}
-        loaded = LoadedModel(module=LogitsOnly(model), data_config=_merge_config(base, overrides), labels=None,
-                             source=source, known_classes=k if isinstance(k, int) and k > 0 else None)
+        labels = None
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "id2label"):  # a transformers model: its class names and score
+            labels, source["probability"] = config_labels(config), probability_of(config)
+        loaded = LoadedModel(module=LogitsOnly(model), data_config=_merge_config(base, overrides), labels=labels,
+                             source=source, known_classes=k if isinstance(k, int) and k > 0 else None,
+                             labels_origin="the model's config.id2label" if labels else None)
     else:
         raise UsageError(f"model: expected a model name, an nn.Module or a LoadedModel, not {type(model).__name__}")
     if labels_file is not None:

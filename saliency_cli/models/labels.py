@@ -54,7 +54,8 @@ def labels_before_loading(spec: Any, checkpoint: str | None, options: Mapping[st
         return imagenet_labels()
     if opts.get("num_classes") is not None or "num_classes" in (opts.get("model_kwargs") or {}):
         return None
-    if spec.startswith((TORCHVISION_PREFIX, "local-dir:", "hf-hub:", "hf_hub:")) or Path(spec).exists():
+    other_sources = (TORCHVISION_PREFIX, "transformers:", "local-dir:", "hf-hub:", "hf_hub:")
+    if spec.startswith(other_sources) or Path(spec).exists():
         return None
     try:
         from timm.models import get_pretrained_cfg, is_model, split_model_name_tag

@@ -39,6 +39,11 @@ class LoadedModel:
             return b.device
         return torch.device("cpu")
 
+    @property
+    def probability(self) -> str:
+        """How a logit becomes the probability a manifest records: `softmax`, or `sigmoid` (multi-label)."""
+        return str(self.source.get("probability") or "softmax")
+
     def label(self, index: int) -> str:
         if self.labels is not None and 0 <= index < len(self.labels):
             return self.labels[index]

@@ -20,6 +20,7 @@ from saliency_cli.models.programs import _file_model
 from saliency_cli.models.provenance import state_dict_sha256
 from saliency_cli.models.timm_source import _timm_model
 from saliency_cli.models.torchvision_source import _torchvision_model
+from saliency_cli.models.transformers_source import TRANSFORMERS_PREFIX, _transformers_model, is_transformers_folder
 
 
 def _check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -49,7 +50,8 @@ def _check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _build(spec: str, checkpoint: str | None, opts: dict[str, Any], overrides: dict[str, Any]) -> _Built:
-    """Dispatch on the model spec: default, torchvision:NAME, a model file, a timm model folder, a timm name."""
+    """Dispatch on the model spec: default, torchvision:NAME, transformers:DIR or ORG/NAME, a model file, a
+    transformers or timm model folder (by its config.json's keys), a timm name."""
     if spec == DEFAULT_MODEL:
         if checkpoint is not None:
             raise UsageError("--checkpoint goes with a timm architecture name, not the default model")
@@ -59,10 +61,14 @@ def _build(spec: str, checkpoint: str | None, opts: dict[str, Any], overrides: d
         return _bundled_model()
     if spec.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(spec[len(TORCHVISION_PREFIX):], checkpoint, opts, overrides)
+    if spec.startswith(TRANSFORMERS_PREFIX):
+        return _transformers_model(spec[len(TRANSFORMERS_PREFIX):], checkpoint, opts, overrides)
     path = Path(spec)
     if path.is_file():
         return _file_model(path, checkpoint, opts, overrides)
     if path.is_dir() and (path / "config.json").is_file():
+        if is_transformers_folder(path):
+            return _transformers_model(spec, checkpoint, opts, overrides)
         return _timm_model(f"local-dir:{spec}", checkpoint, opts)
     return _timm_model(spec, checkpoint, opts)
 
@@ -79,8 +85,10 @@ def load_model(
     """Load a classifier in eval mode on `device`.
 
     spec: `default`, a timm model name (`resnet50`, `resnet50.a1_in1k`, `timm/...`), `local-dir:FOLDER` or a
-    folder holding timm's config.json, `hf-hub:owner/name`, `torchvision:NAME`, or a TorchScript or torch.export
-    (`.pt2`) file. checkpoint: weights for a timm or torchvision architecture (see `read_state_dict`).
+    folder holding timm's config.json, `hf-hub:owner/name`, `torchvision:NAME`, a Hugging Face transformers
+    image classifier (a folder holding its config.json, `transformers:FOLDER` or `transformers:ORG/NAME` from the
+    local cache), or a TorchScript or torch.export (`.pt2`) file. checkpoint: weights for a timm or torchvision
+    architecture (see `read_state_dict`).
     overrides: data-config keys given by the user (input_size, mean, std, crop_pct, interpolation, crop_mode);
     required for model files unless a sidecar JSON gives them. options: num_classes, in_chans, img_size,
     model_kwargs (for timm.create_model or the torchvision builder), weights (torchvision weights whose
@@ -120,6 +128,10 @@ def load_model_from_source(source: dict[str, Any], data_config: dict[str, Any],
         spec = TORCHVISION_PREFIX + str(source["name"])
     elif kind in ("torchscript", "export"):
         spec = str(source["weights"])
+    elif kind == "transformers":
+        spec = TRANSFORMERS_PREFIX + str(source.get("path") or source["name"])
+        if data_config.get("crop_mode") == "processor":
+            overrides = {}  # the folder's own processor (its sha256 is checked below)
     elif kind == "module":
         raise ModelError(f"the run explained an in-memory module ({source.get('name', 'nn.Module')}), which run.json "
                          "cannot reload: explain it with a model name or file (-m) to evaluate it")

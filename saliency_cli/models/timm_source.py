@@ -17,6 +17,7 @@ from saliency_cli.models.loaded import TORCHVISION_PREFIX, _Built
 from saliency_cli.models.messages import _reason
 from saliency_cli.models.provenance import _hub_files, _record_file, _torch_hub_cached
 from saliency_cli.models.torchvision_source import _torchvision_classifiers
+from saliency_cli.models.transformers_source import is_transformers_folder
 
 _FILE_SUFFIXES = {".pt", ".pt2", ".pth", ".ts", ".jit", ".ptl", ".bin", ".safetensors", ".ckpt", ".tar"}
 
@@ -62,12 +63,17 @@ def _timm_spec(spec: str) -> tuple[str, str | None]:
     if spec.startswith("hf_hub:"):
         spec = "hf-hub:" + spec[len("hf_hub:"):]
     if spec.startswith("hf-hub:"):
+        if Path(spec[len("hf-hub:"):]).is_dir():
+            raise ModelError(f"{spec}: hf-hub: names a repo on the hub; for the folder, use -m {spec[len('hf-hub:'):]}")
         return spec, "hf-hub"
     if spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:"):])
         if not (folder / "config.json").is_file():
             raise ModelError(f"{spec}: no {folder / 'config.json'} (a timm model folder holds config.json and "
                              "model.safetensors, as timm's save_for_hf writes them)")
+        if is_transformers_folder(folder):
+            raise ModelError(f"{spec}: {folder} holds a Hugging Face transformers model, not a timm one: use "
+                             f"-m {folder}")
         return spec, "local-dir"
     if spec.startswith("timm/"):  # timm's own hub repos are registry names with a pretrained tag
         spec = spec[len("timm/"):]

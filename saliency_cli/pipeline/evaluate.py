@@ -274,7 +274,8 @@ def run_oracle(run: RunData, model: LoadedModel, device: torch.device, batch_siz
     fast = None
     if (run.info.get("fast") or {}).get("folded"):
         fast, _ = checked_fast_copy(model.module, device, run.info["data_config"].get("input_size"))
-    return GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=auto_backoff, fast=fast)
+    return GradientOracle(model.module, batch_size=batch_size, score=run.score, auto_backoff=auto_backoff, fast=fast,
+                          probability=model.probability)
 
 
 def _open_run(run: RunData, opts: EvaluateOptions, device: torch.device, models: dict[str, LoadedModel]

@@ -116,7 +116,8 @@ class ExplainRun:
         batch = opts.batch_size or default_batch_size(self.device)
         fast, self.fast_info = self._fast_model()
         self.oracle = GradientOracle(self.model.module, batch_size=batch, score=opts.score, precision=opts.precision,
-                                     auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile)
+                                     auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile,
+                                     probability=self.model.probability)
         self._check_target()
 
     def _set_up(self) -> None:
@@ -198,6 +199,7 @@ class ExplainRun:
             self.on_start(len(items))
         display = {"cmap": opts.colormap, "alpha": opts.alpha, "percentile": opts.percentile}
         self.outputs = Outputs(opts.out, seed=opts.seed, score=opts.score, label=self.model.label, display=display,
+                               probability=self.model.probability,
                                on_record=self.on_record, echo=self.echo, overlay_size=opts.overlay_size,
                                manifest_name=self.shard.manifest_name())
         interrupted = True
@@ -286,7 +288,8 @@ class ExplainRun:
         inputs = [d.x for d in group if d.x is not None]
         inputs += [inputs[-1]] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
         x = to_device(torch.stack(inputs), self.device)  # pinned memory and an asynchronous copy on CUDA
-        probs = self.oracle.logits(x).softmax(1)[:len(group)]
+        logits = self.oracle.logits(x)[:len(group)]
+        probs = logits.sigmoid() if self.model.probability == "sigmoid" else logits.softmax(1)
         rows = self._targets(group, probs)
         idx = torch.tensor([i for i, _ in rows], device=self.device)
         target = torch.tensor([c for _, c in rows], device=self.device)

@@ -41,8 +41,9 @@ class Outputs:
 
     def __init__(self, out: Path, *, seed: int, score: str, label: Callable[[int], str], display: dict[str, Any],
                  on_record: OnRecord | None = None, echo: IO[str] | None = None,
-                 manifest_name: str = MANIFEST, overlay_size: int = 2048) -> None:
+                 manifest_name: str = MANIFEST, overlay_size: int = 2048, probability: str = "softmax") -> None:
         self.overlay_size = overlay_size
+        self.probability = probability  # how `score` was taken from the logits: softmax, or sigmoid (multi-label)
         self.out = out
         self.seed = seed
         self.score = score
@@ -91,9 +92,11 @@ class Outputs:
 
     def record(self, d: Decoded, job: Job, *, status: str, error: str | None = None, name: str | None = None,
                **extra: Any) -> Record:
-        return Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
-                      params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
-                      name=name or job.tag, **extra)
+        rec = Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
+                     params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
+                     name=name or job.tag, **extra)
+        rec.extra["probability"] = self.probability  # what `score` is: a softmax or (multi-label) sigmoid probability
+        return rec
 
     def submit_record(self, rec: Record) -> None:
         """Records without files still go through the writer thread, so the manifest keeps one order."""

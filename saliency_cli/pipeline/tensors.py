@@ -23,7 +23,15 @@ from saliency_cli.errors import UsageError
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import Attribution, MethodContext
 from saliency_cli.metrics import score_maps
-from saliency_cli.models import LoadedModel, LogitsOnly, in_memory_model, load_model, module_data_config, resolve_device
+from saliency_cli.models import (
+    LoadedModel,
+    LogitsOnly,
+    in_memory_model,
+    load_model,
+    module_data_config,
+    module_probability,
+    resolve_device,
+)
 from saliency_cli.numerics import seeded_generator
 from saliency_cli.oracle import GradientOracle, checked_fast_copy, default_batch_size
 from saliency_cli.pipeline.plan import ExplainOptions, Job, make_jobs, validate
@@ -206,7 +214,7 @@ def _image_seeds(image_seeds: Any, seed: int, x: torch.Tensor) -> list[int]:
 
 
 def _oracle(module: torch.nn.Module, x: torch.Tensor, *, batch_size: int | None, score: str, precision: str,
-            fast: bool) -> GradientOracle:
+            fast: bool, probability: str = "softmax") -> GradientOracle:
     """The oracle as `saliency explain` builds it: with `fast`, passes on a private copy with BatchNorm folded
     (oracle.fast_copy, checked on the same two seeded random inputs of the input size as explain's)."""
     device = x.device
@@ -214,7 +222,7 @@ def _oracle(module: torch.nn.Module, x: torch.Tensor, *, batch_size: int | None,
     if fast:
         copy, _ = checked_fast_copy(module, device, tuple(x.shape[1:]))
     return GradientOracle(module, batch_size=batch_size or default_batch_size(device), score=score,
-                          precision=precision, auto_backoff=batch_size is None, fast=copy)
+                          precision=precision, auto_backoff=batch_size is None, fast=copy, probability=probability)
 
 
 def attribute_tensors(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str = "fusiongrad", *,
@@ -234,7 +242,8 @@ def attribute_tensors(model: torch.nn.Module | LoadedModel, x: torch.Tensor, met
     if precision == "fp16" and device.type == "cpu":
         raise UsageError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     xd = x.detach().to(device=device, dtype=torch.float32)
-    oracle = _oracle(module, xd, batch_size=batch_size, score=score, precision=precision, fast=fast)
+    oracle = _oracle(module, xd, batch_size=batch_size, score=score, precision=precision, fast=fast,
+                     probability=module_probability(model))
     input_range = input_range.to(device)
     ctx = MethodContext(input_range, seed=seed,
                         scorer=lambda metric, o, xs, t, maps: score_maps(metric, o, xs, t, maps, input_range))
