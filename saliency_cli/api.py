@@ -160,7 +160,8 @@ def attribute(model: torch.nn.Module | LoadedModel, x: torch.Tensor, method: str
 
 
 def report(runs: list[Path], *, out: Path | None = None, comparison: Path | None = None, page_size: int = 50,
-           thumb_size: int = 160, link: bool = False, on_progress: Callable[[int, int], None] | None = None) -> Any:
+           thumb_size: int = 160, link: bool = False, on_progress: Callable[[int, int], None] | None = None,
+           images: Path | None = None) -> Any:
     """Run `saliency report`: write out/index.html (default: the first run folder) and out/thumbs/ over explain
     run folders, with copies under out/files/ of the linked files that lie outside `out` (`link`: link them
     where they are instead); returns a pipeline.report.Report (the page's path, row, thumbnail and error
@@ -168,7 +169,7 @@ def report(runs: list[Path], *, out: Path | None = None, comparison: Path | None
     from saliency_cli.pipeline.report import ReportOptions, build_report
 
     opts = ReportOptions(runs=list(runs), out=out, comparison=comparison, page_size=page_size, thumb_size=thumb_size,
-                         link=link)
+                         link=link, images=images)
     return build_report(opts, on_progress)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -114,8 +116,17 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def write_npy(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda f: np.save(f, array, allow_pickle=False), ".npy")
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_npy(path: Path, array: np.ndarray) -> str:
+    """Write the array as a .npy file; returns the sha256 of the file's bytes."""
+    data = npy_bytes(array)
+    _atomic(path, lambda f: f.write(data), ".npy")
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_png(path: Path, image: Image.Image, text: dict[str, str] | None = None) -> None:

@@ -68,6 +68,7 @@ def evaluate(
                                                         "is above (repeatable)")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=o.OUTPUTS,
                                                   help="Output folder (default: the first run folder)")] = None,
+    images: o.ImagesDir = None,
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",
     shard: o.ShardOption = None,
@@ -89,7 +90,7 @@ def evaluate(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
-        out=o.out_path(out_dir), shard=shard,
+        out=o.out_path(out_dir), shard=shard, images=images,
     )
     progress = Progress("evaluating", enabled=not (quiet or json_out), unit="maps")
     try:

@@ -60,6 +60,9 @@ MaxPixels = Annotated[float, typer.Option(metavar="N", rich_help_panel=o.RUN, sh
                                           help="Refuse images of more decoded pixels (a record says why)")]
 OverlaySize = Annotated[int, typer.Option(metavar="N", rich_help_panel=o.OUTPUTS,
                                           help="Longest side of the overlays, in pixels")]
+Tag = Annotated[str | None, typer.Option(metavar="TAG", rich_help_panel=o.OUTPUTS, show_default=False,
+                                         help="A label for this configuration: its own files (KEY.METHOD@TAG.npy) "
+                                         "and column (METHOD@TAG), beside the untagged ones")]
 ReportFlag = Annotated[bool, typer.Option("--report", rich_help_panel=o.OUTPUTS, help="Also write OUT/index.html, "
                                           "a page over the run (see `saliency report`)")]
 
@@ -86,6 +89,7 @@ def explain(
     cheap: Cheap = False,
     out: o.OutDir = "saliency_out",
     overwrite: Overwrite = False,
+    tag: Tag = None,
     colormap: Colormap = None,
     alpha: Alpha = 0.5,
     percentile: Percentile = 99.0,
@@ -120,7 +124,7 @@ def explain(
         percentile=percentile, overwrite=overwrite, cheap=cheap,
         data_overrides=o.data_overrides(input_size, mean, std, crop_pct, interpolation), labels_file=labels,
         stdin_lines=stdin_lines, max_pixels=int(max_pixels), overlay_size=overlay_size, shard=shard,
-        fast=fast, compile=compile_model, workers=workers,
+        fast=fast, compile=compile_model, workers=workers, tag=tag,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
     counts = _run(opts, quiet, json_out)

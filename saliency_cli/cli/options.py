@@ -167,3 +167,7 @@ def model_options(num_classes: int | None, in_chans: int | None, img_size: int |
             raise UsageError("--weights: give a weights name such as IMAGENET1K_V1")
         options["weights"] = weights.strip()
     return options
+
+ImagesDir = Annotated[Path | None, typer.Option("--images", metavar="DIR", help="Where the run's images are now, when the run "
+                                                "folder or the images moved: DIR/KEY (DIR replaces the inputs' "
+                                                "common root); an image is used only if its sha256 matches")]

@@ -28,6 +28,7 @@ def report(
                                                     "(default: any in the run folders)")] = None,
     page_size: Annotated[int, typer.Option(help="Rows a page")] = 50,
     thumb_size: Annotated[int, typer.Option(help="Thumbnail width, pixels")] = 160,
+    images: o.ImagesDir = None,
     link: Annotated[bool, typer.Option("--link", help="Link the runs' overlays, maps and images where they are "
                                        "instead of copying them into --out (the page is then not publishable "
                                        "alone, and says so)")] = False,
@@ -43,7 +44,7 @@ def report(
     progress = Progress("thumbnails", enabled=not (quiet or json_out), unit="thumbnails")
     try:
         result = api.report(list(runs), out=o.out_path(out_dir), comparison=comparison, page_size=page_size,
-                            thumb_size=thumb_size, link=link, on_progress=progress.update)
+                            thumb_size=thumb_size, link=link, on_progress=progress.update, images=images)
     finally:
         progress.stop()
     for w in result.warnings:

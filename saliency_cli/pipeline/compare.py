@@ -80,7 +80,8 @@ class Pair:
         def side(row: Row) -> dict[str, Any]:
             rec = row.record
             return {"key": rec.key, "image": rec.image, "method": row.label, "target": rec.target,
-                    "label": rec.label, "score": rec.score, "npy": rec.npy, "overlay": rec.overlay}
+                    "label": rec.label, "score": rec.score, "npy": rec.npy, "npy_sha256": row.npy_sha256,
+                    "overlay": rec.overlay}
 
         return {"key": self.key, "image": self.b.record.image, "sha256": self.b.record.sha256,
                 "method": self.method, "spearman": self.spearman, "iou": self.iou, "strip": self.strip,

@@ -80,6 +80,7 @@ class EvaluateOptions:
     write: bool = True
     plots: bool = True
     shard: str | None = None  # `I/N`: score only the images of that shard (None: from the launcher, else all)
+    images: Path | None = None  # `--images DIR`: where the runs' images are now (DIR/KEY), when they moved
 
 
 # -- options ----------------------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def evaluate_runs(opts: EvaluateOptions, on_progress: Progress | None = None) ->
     boxes = read_boxes(opts.boxes) if opts.boxes is not None else None
     masks = index_masks(opts.masks) if opts.masks is not None else None
     shard = resolve_shard(opts.shard)
-    runs = [read_run(Path(r)) for r in opts.runs]
+    runs = [read_run(Path(r), images=opts.images) for r in opts.runs]
     for run in runs:
         run.rows = [row for row in run.rows if shard.owns(row.record.key)]
     assign_labels(runs)
@@ -520,7 +521,7 @@ def _image_rows(s: _Session, names: list[str]) -> tuple[list[dict[str, Any]], di
         vals = {n: s.collector.values[i].get(n) for n in names}
         images.append({"run": str(row.run.folder), "image": row.image, "key": row.record.key,
                        "method": row.label, "target": row.target, "label": row.record.label,
-                       "metrics": vals})
+                       "npy_sha256": row.npy_sha256, "metrics": vals})
         for n in names:
             by_label[row.label][n].append(vals[n])
     return images, by_label

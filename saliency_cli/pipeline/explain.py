@@ -35,7 +35,7 @@ from saliency_cli.oracle import (
     to_device,
 )
 from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, prefetch
-from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel
+from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel, strip_name
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.shards import resolve_shard
 from saliency_cli.pipeline.tensors import InMemory, load_run_model, run_device
@@ -238,7 +238,12 @@ class ExplainRun:
         return self.opts.workers or default_workers()
 
     def _finished_jobs(self, item: InputItem, digest: str) -> dict[str, list[Record] | None]:
-        return {job.tag: self.finished.get(item.key, job.config_id, digest) for job in self.jobs}
+        done = {job.tag: self.finished.get(item.key, job.config_id, digest) for job in self.jobs}
+        if len(self.jobs) > 1 and self.target_kind != "topk" and all(done.values()):
+            strip = self.opts.out / strip_name(item.key, [job.tag for job in self.jobs], None)
+            if not strip.is_file():
+                done[strip.name] = None  # decode it: the strip is drawn again from the files on disk
+        return done
 
     def _loop(self, items: list[InputItem]) -> None:
         group_size = self._group_size()
@@ -303,8 +308,11 @@ class ExplainRun:
         for r, entries in panels.items():
             i, c = rows[r]
             changed = any(isinstance(panel, Future) for _, panel in entries)
-            if len(entries) > 1 and changed:
+            if len(entries) > 1 and (changed or not self.outputs.strip_path(group[i], c if topk else None,
+                                                                             entries).is_file()):
                 self.outputs.write_strip(group[i], c if topk else None, entries)
+            elif changed:  # an earlier run's montage of this image shows the map this one replaced
+                self.outputs.remove_montage(group[i], c if topk else None)
 
     def _skip_finished(self, group: list[Decoded], rows: list[tuple[int, int]], job: Job,
                        panels: dict[int, list[tuple[str, Panel]]]) -> list[int]:

@@ -5,6 +5,7 @@ Files are written atomically (writers.py); a record is appended to the manifest 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -34,6 +35,14 @@ from saliency_cli.writers import finite, write_npy, write_png
 
 OnRecord = Callable[[dict[str, Any]], None]
 Panel = Future[Image.Image | None] | str  # an overlay being written, or one on disk (relative to --out)
+
+
+def strip_name(key: str, tags: list[str], cls: int | None) -> str:
+    """KEY.montage.png (several methods) or KEY.METHOD.sweep.png (one method, several noise levels)."""
+    levels = {tag.split(".noise")[0] for tag in tags}
+    name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
+        f".class{cls}" if cls is not None else "")
+    return f"{key}.{name}.png"
 
 
 class Outputs:
@@ -94,9 +103,14 @@ class Outputs:
                **extra: Any) -> Record:
         rec = Record(image=str(d.item.path), key=d.item.key, status=status, error=error, method=job.method.name,
                      params=self.params(job), crop_box=d.box, sha256=d.digest or None, config=job.config_id,
-                     name=name or job.tag, **extra)
+                     name=name or job.tag, image_rel=self.relative(d.item.path), tag=job.label, **extra)
         rec.extra["probability"] = self.probability  # what `score` is: a softmax or (multi-label) sigmoid probability
         return rec
+
+    def relative(self, image: Path | str) -> str:
+        """The image's path relative to the output folder: how a folder moved together with its images finds
+        them again."""
+        return os.path.relpath(os.path.abspath(image), os.path.abspath(self.out))
 
     def submit_record(self, rec: Record) -> None:
         """Records without files still go through the writer thread, so the manifest keeps one order."""
@@ -106,7 +120,9 @@ class Outputs:
         self.submit_record(self.record(d, job, status="error", error=reason))
 
     def skipped(self, rec: Record, image: str | None = None) -> None:
-        self.submit_record(replace(rec, status="skipped", image=rec.image if image is None else image, seconds=0.0))
+        if image is not None:
+            rec = replace(rec, image=image, image_rel=self.relative(image))
+        self.submit_record(replace(rec, status="skipped", seconds=0.0))
 
     def _emit(self, rec: Record) -> None:
         self.manifest.append(rec)
@@ -137,16 +153,16 @@ class Outputs:
                 params[key] = stats.pop(key)
         if params.get("weight_noise") == "auto" and "weight_noise" in stats:  # calibrated on this image alone
             params.update(weight_noise=stats.pop("weight_noise"), weight_noise_auto=True)
-        rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
-                          outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
-                          seconds=round(seconds, 4), name=name)
-        rec.params = params
-        if stats:
-            rec.extra["stats"] = stats
         try:
             if not np.isfinite(m).all():
                 raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
-            write_npy(npy, m.astype(np.float32))
+            npy_sha256 = write_npy(npy, m.astype(np.float32))
+            rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
+                              outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
+                              seconds=round(seconds, 4), name=name, npy_sha256=npy_sha256)
+            rec.params = params
+            if stats:
+                rec.extra["stats"] = stats
             assert d.image is not None and d.box is not None
             image = overlay(self._region(d), m, **self.display)
             titled = with_title(image, overlay_title(d.item.key, rec.to_json(), job.tag, topk=topk))
@@ -173,6 +189,14 @@ class Outputs:
         (a path relative to --out), so a montage is rewritten whenever any of its panels changes."""
         self._submit(self._write_strip, d, cls, entries)
 
+    def strip_path(self, d: Decoded, cls: int | None, entries: list[tuple[str, Panel]]) -> Path:
+        return self.out / strip_name(d.item.key, [tag for tag, _ in entries], cls)
+
+    def remove_montage(self, d: Decoded, cls: int | None) -> None:
+        """Queue the removal of the image's montage (an earlier run's, showing a map that was just replaced)."""
+        path, _ = self._paths(d, "montage" + (f".class{cls}" if cls is not None else "") + ".png")
+        self._submit(lambda: path.unlink(missing_ok=True))
+
     def _panel(self, panel: Panel) -> Image.Image | None:
         if isinstance(panel, Future):
             return panel.result()
@@ -198,10 +222,7 @@ class Outputs:
                 panels.append((f"{tag}\n{settings_text(rec.get('params'))}", image))
         if len(panels) < 3:
             return
-        levels = {tag.split(".noise")[0] for tag, _ in entries}
-        name = (f"{next(iter(levels))}.sweep" if len(levels) == 1 else "montage") + (
-            f".class{cls}" if cls is not None else "")
-        path, _ = self._paths(d, name + ".png")
+        path = self.strip_path(d, cls, entries)
         title = montage_title(d.item.key, records[0] if records else None, seed=self.seed, score=self.score,
                               topk=cls is not None)
         write_png(path, strip(panels, title=title))

@@ -24,6 +24,9 @@ SCORES = ("logit", "prob", "logprob")
 REDUCTIONS = ("sum", "abs-sum", "max-abs", "none", "mean-abs-sum")
 
 
+TAG = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
 @dataclass
 class ExplainOptions:
     """Everything `saliency explain` takes. Unset hyper-parameters (None) take each method's default.
@@ -64,6 +67,7 @@ class ExplainOptions:
     fast: bool = True  # passes on a private copy with BatchNorm folded into the convolutions (+ channels_last)
     compile: bool = False  # torch.compile the network once per run
     workers: int | None = None  # decoding threads; None: min(8, CPU cores)
+    tag: str | None = None  # a label for this configuration: its own file names (KEY.METHOD@TAG.npy) and column
 
 
 @dataclass
@@ -75,13 +79,15 @@ class Job:
     level: float | None  # the noise level when the run sweeps noise, else None
     reduce: str
     config_id: str = ""
+    label: str | None = None  # `--tag`: a configuration's own file names and method label
 
     @property
     def tag(self) -> str:
         """The name of the job's output files: `method`, `method+base` over another base than the gradient
-        (`smoothgrad+integrated-gradients`), then `.noiseLEVEL` in a sweep."""
+        (`smoothgrad+integrated-gradients`), `@LABEL` with `--tag LABEL`, then `.noiseLEVEL` in a sweep."""
         base = self.hyper.get("base")
         name = self.method.name + ("" if base in (None, "gradient") else f"+{base}")
+        name += "" if self.label is None else f"@{self.label}"
         return name + ("" if self.level is None else f".noise{self.level:g}")
 
 
@@ -165,6 +171,8 @@ def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
     if opts.noise is not None:
         SETTINGS["noise"].validate(opts.noise)
     parse_target(opts.target)
+    if opts.tag is not None and not TAG.fullmatch(opts.tag):
+        raise UsageError(f"--tag {opts.tag!r}: use 1 to 40 letters, digits, '_' or '-' (it goes into file names)")
     for key, value in opts.hyper.items():
         if value is None:
             continue
@@ -226,6 +234,8 @@ def job_identity(job: Job, opts: ExplainOptions, source: dict[str, Any], data_co
                 "model": source, "data_config": data_config, "version": __version__}
     if not opts.fast or opts.compile:  # the defaults keep the identities of earlier runs
         identity.update(fast=opts.fast, compile=opts.compile)
+    if job.label is not None:  # another tag: other files, so not the same finished work
+        identity["tag"] = job.label
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -242,7 +252,8 @@ def make_jobs(opts: ExplainOptions, methods: dict[str, Any]) -> list[Job]:
                 base["noise"] = opts.noise[0]
         for level in levels:
             hyper = dict(base) if level is None else {**base, "noise": level}
-            jobs.append(Job(method, hyper, level, opts.reduce or _default_reduce(method, hyper, methods)))
+            jobs.append(Job(method, hyper, level, opts.reduce or _default_reduce(method, hyper, methods),
+                            label=opts.tag))
     return jobs
 
 

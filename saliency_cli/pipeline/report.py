@@ -35,7 +35,7 @@ from PIL import Image
 from saliency_cli.errors import UsageError
 from saliency_cli.runfolder.comparison import COMPARISON, read_comparison
 from saliency_cli.runfolder.evaluation import EVALUATION, read_result
-from saliency_cli.runfolder.folder import Row, RunData, assign_labels, read_run
+from saliency_cli.runfolder.folder import Row, RunData, assign_labels, file_sha256, read_run
 from saliency_cli.runfolder.records import Record
 from saliency_cli.writers import finite, write_bytes
 
@@ -56,6 +56,7 @@ class ReportOptions:
     comparison: Path | None = None
     page_size: int = 50
     thumb_size: int = 160
+    images: Path | None = None  # `--images DIR`: where the runs' images are now (runfolder.folder.RunData.images)
     link: bool = False  # link the runs' files where they are instead of copying them into `out` (--link)
 
 
@@ -71,14 +72,14 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def open_runs(folders: list[Path]) -> tuple[list[RunData], list[str]]:
+def open_runs(folders: list[Path], images: Path | None = None) -> tuple[list[RunData], list[str]]:
     """The runs with a Row for every current record (every status; runfolder.current), labelled like `evaluate`
     labels them, and warnings about unreadable manifest lines."""
     if not folders:
         raise UsageError("give at least one run folder (see saliency report --help)")
     runs, warnings = [], []
     for folder in folders:
-        run = read_run(folder, maps_only=False, require_model=False)
+        run = read_run(folder, maps_only=False, require_model=False, images=images)
         if run.bad_lines:
             warnings.append(f"{folder}: {run.bad_lines} unreadable manifest lines skipped")
         runs.append(run)
@@ -318,6 +319,14 @@ def _run_for(recorded: str | None, runs: list[RunData], home: Path, listed: int)
     return next((run for run in runs if run.name == name), None)
 
 
+def _same_map(row: Row, npy_sha256: str | None) -> bool:
+    """Whether a result about the map with that sha256 is about the row's .npy file as it is now: the record's
+    sha256, else (an older record, or a file replaced since) the file's own."""
+    if npy_sha256 is None or row.record.npy_sha256 == npy_sha256:
+        return True
+    return bool(row.record.npy) and file_sha256(row.run.folder / str(row.record.npy)) == npy_sha256
+
+
 class Metrics:
     """Metric values per row of the report: `names` (display order), their metadata, and values by id(Row)."""
 
@@ -332,12 +341,14 @@ class Metrics:
             self.names.append(name)
             self.meta[name] = meta
 
-    def set(self, run: RunData, key: Any, target: Any, label: Any, values: dict[str, Any]) -> bool:
-        """Attach `values` to the row of `run` with that key, target and (base) method label."""
+    def set(self, run: RunData, key: Any, target: Any, label: Any, values: dict[str, Any],
+            npy_sha256: str | None = None) -> bool:
+        """Attach `values` to the row of `run` with that key, target and (base) method label, unless they are about
+        other bytes than its .npy file holds now (`npy_sha256`, when the result recorded it)."""
         if target is None:
             return False
         row = self.index.get((str(run.folder), str(key), int(target), _base_label(str(label), run)))
-        if row is None:
+        if row is None or not _same_map(row, npy_sha256):
             return False
         self.values[id(row)].update({k: v for k, v in values.items() if k in self.meta})
         return True
@@ -369,10 +380,10 @@ def read_evaluations(runs: list[RunData], files: Files, metrics: Metrics, warnin
         for entry in data.get("images") or []:
             owner = _run_for(entry.get("run"), runs, run.folder, listed)
             if owner is None or not metrics.set(owner, entry.get("key"), entry.get("target"), entry.get("method"),
-                                                entry.get("metrics") or {}):
+                                                entry.get("metrics") or {}, entry.get("npy_sha256")):
                 unmatched += 1
         if unmatched:
-            warnings.append(f"{path}: {unmatched} rows match no map of the report's runs")
+            warnings.append(f"{path}: {unmatched} rows match no current map of the report's runs (not shown)")
         summary = data.get("summary") or {}
         table = [{"name": name, "higher_is_better": bool(meta.get("higher_is_better")), "summary": meta.get("summary"),
                   "cells": [mean_text((summary[label] or {}).get(name)) for label in summary]}
@@ -423,7 +434,7 @@ def read_comparisons(runs: list[RunData], paths: list[Path], files: Files, metri
             for pair in pairs:
                 entry = pair.get(side) or {}
                 metrics.set(run, entry.get("key"), entry.get("target"), entry.get("method"),
-                            {shown_name: pair.get(n) for n, shown_name in names.items()})
+                            {shown_name: pair.get(n) for n, shown_name in names.items()}, entry.get("npy_sha256"))
         shown = [{**p, "strip_link": files.link(path.parent / p["strip"]) if p.get("strip") else None}
                  for p in pairs[:20]]
         table = [{"label": label, "spearman": mean_text(st.get("spearman")), "iou": mean_text(st.get("iou")),
@@ -572,7 +583,7 @@ def _check(opts: ReportOptions) -> None:
 def build_report(opts: ReportOptions, on_progress: Progress | None = None) -> Report:
     """Read the runs, make the thumbnails, write out/index.html; see the module docstring."""
     _check(opts)
-    runs, warnings = open_runs([Path(r) for r in opts.runs])
+    runs, warnings = open_runs([Path(r) for r in opts.runs], opts.images)
     out = Path(opts.out) if opts.out is not None else runs[0].folder
     columns = _column_order(runs)
     metrics = Metrics()

@@ -73,13 +73,15 @@ class Evaluation:
     files: dict[str, str] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be scored, with the reason
     scored: int = 0  # rows scored
+    carried: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> its metadata, from an earlier run
 
     def higher_is_better(self, name: str) -> bool:
         """Whether a larger value of metric or sanity check `name` is better."""
         return higher_is_better(name)
 
     def to_json(self) -> dict[str, Any]:
-        meta = {name: _metadata(name, self.info) for name in self.metrics + list(self.sanity)}
+        meta = {name: self.carried.get(name) or _metadata(name, self.info)
+                for name in self.metrics + list(self.sanity)}
         return {"runs": self.info["runs"], "options": self.info["options"], "metrics": meta,
                 "images": self.images, "summary": self.summary, "curves": self.curves, **self.sanity,
                 "seconds_per_image": self.timing, "gates": [f.__dict__ | {"message": f.message()}
@@ -122,19 +124,92 @@ def _num(v: Any) -> str:
 
 
 def write_reports(ev: Evaluation, out: Path, *, plots: bool = True, suffix: str = "") -> dict[str, str]:
-    """Write the JSON, the CSV and (with `plots`) the PNGs under `out`; returns {what: path}. suffix: a shard's
-    `.shard-I-of-N`, so that shards scoring one folder never write one file."""
+    """Write the JSON, the CSV and (with `plots`) the PNGs under `out`; returns {what: path}. The values of an
+    earlier evaluation.json there are carried over first (`carry_over`), and every plot that the new JSON does
+    not back is removed. suffix: a shard's `.shard-I-of-N`, so that shards scoring one folder never write one
+    file."""
     files: dict[str, str] = {}
+    earlier_path = out / f"evaluation{suffix}.json"
+    if earlier_path.is_file():
+        carry_over(ev, read_result(earlier_path, ev.warnings))
     path = out / f"evaluation{suffix}.json"
     write_bytes(path, json.dumps(finite(ev.to_json()), indent=2, default=str, allow_nan=False).encode())
     files["json"] = str(path)
     path = out / f"evaluation{suffix}.csv"
     write_bytes(path, csv_text(ev).encode())
     files["csv"] = str(path)
-    if plots:
-        for name, p in write_plots(ev, out / f"{PLOT_DIR}{suffix}").items():
-            files[name] = p
+    written = write_plots(ev, out / f"{PLOT_DIR}{suffix}") if plots else {}
+    files.update(written)
+    for stale in sorted((out / f"{PLOT_DIR}{suffix}").glob("*.png")):
+        if str(stale) not in written.values():
+            stale.unlink(missing_ok=True)
     return files
+
+
+# -- evaluations add up ----------------------------------------------------------------------------------------
+def _entry_id(entry: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A per-image row's map: run folder (by name: the folder may have moved), key, method label, target."""
+    return Path(str(entry.get("run"))).name, str(entry.get("key")), str(entry.get("method")), str(entry.get("target"))
+
+
+def carry_over(ev: Evaluation, earlier: dict[str, Any] | None) -> None:
+    """Keep an earlier evaluation's values of the metrics not computed now, for the maps that did not change
+    (same run, key, method label and target, and the same .npy sha256); values of maps that changed or are gone
+    are dropped, with one warning. Summaries, mean curves and sanity sections follow the kept values."""
+    if not earlier:
+        return
+    now = set(ev.metrics) | set(ev.sanity)
+    meta = {k: v for k, v in (earlier.get("metrics") or {}).items() if k not in now and isinstance(v, dict)}
+    if not meta:
+        return
+    rows = {_entry_id(e): e for e in ev.images}
+    kept: dict[str, dict[str, int]] = {name: {} for name in meta}  # metric -> label -> values kept
+    dropped, changed = 0, 0
+    for entry in earlier.get("images") or []:
+        values = {k: v for k, v in (entry.get("metrics") or {}).items() if k in meta and v is not None}
+        row = rows.get(_entry_id(entry))
+        if row is None or not entry.get("npy_sha256") or entry.get("npy_sha256") != row.get("npy_sha256"):
+            dropped += len(values)
+            changed += bool(values)
+            continue
+        for name, value in values.items():
+            row["metrics"][name] = value
+            kept[name][row["method"]] = kept[name].get(row["method"], 0) + 1
+    if dropped:
+        ev.warnings.append(f"dropped {dropped} earlier metric value(s) of {changed} map(s) that changed or are gone "
+                           "since the last evaluate")
+    for name in [n for n in meta if kept[n]]:
+        # the options of the evaluate that computed it (baseline, device, ...), not this one's
+        with_options = meta[name].get("evaluated_with") or earlier.get("options")
+        _carry_metric(ev, earlier, name, {**meta[name], "evaluated_with": with_options}, kept[name])
+
+
+def _carry_metric(ev: Evaluation, earlier: dict[str, Any], name: str, meta: dict[str, Any],
+                  kept: dict[str, int]) -> None:
+    """One carried metric: its column, its summaries, and the earlier mean curves and sanity sections of the
+    method labels whose maps all kept their values."""
+    from saliency_cli.numerics import mean_ci95
+
+    ev.carried[name] = meta
+    section = earlier.get(name)
+    if name in SANITY_CHECKS:
+        ev.sanity[name] = {}  # its column; the per-label section below when every map of the label kept its value
+    else:
+        ev.metrics.append(name)
+    for e in ev.images:
+        e["metrics"].setdefault(name, None)
+    for label in ev.summary:
+        values = [e["metrics"][name] for e in ev.images if e["method"] == label and e["metrics"][name] is not None]
+        ev.summary[label][name] = mean_ci95(values)
+    total = {label: sum(1 for e in ev.images if e["method"] == label) for label in ev.summary}
+    whole = {label for label, n in kept.items() if n == total.get(label)}
+    curves = (earlier.get("curves") or {}).get(name)
+    if isinstance(curves, dict):
+        methods = {k: v for k, v in (curves.get("methods") or {}).items() if k in whole}
+        if methods:
+            ev.curves[name] = {**curves, "methods": methods}
+    if name in SANITY_CHECKS and isinstance(section, dict):
+        ev.sanity[name] = {k: v for k, v in section.items() if k in whole}
 
 
 # -- plots ------------------------------------------------------------------------------------------------

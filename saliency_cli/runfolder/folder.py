@@ -3,9 +3,13 @@ they name, and the model they were made with."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +34,13 @@ class Row:
     run: RunData
     record: Record
     label: str = ""
+    npy_sha256: str | None = None  # of the .npy file as read (load_map)
 
-    @property
+    @cached_property
     def image(self) -> str:
-        """The image path; a relative one is taken from the folder `explain` ran in (run.json's `cwd`)."""
-        path = Path(self.record.image)
-        cwd = self.run.info.get("cwd")
-        return str(Path(cwd) / path if cwd and not path.is_absolute() else path)
+        """The image path: the first of `image_candidates` that exists (else the path as recorded); found once."""
+        candidates = image_candidates(self)
+        return str(next((p for p in candidates if p.is_file()), candidates[0]))
 
     @property
     def target(self) -> int:
@@ -53,6 +57,7 @@ class RunData:
     info: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     bad_lines: int = 0  # manifest lines that were torn or malformed (skipped)
+    images: Path | None = None  # `--images DIR`: where the inputs' common root is now (DIR/KEY)
 
     @property
     def seed(self) -> int:
@@ -68,14 +73,30 @@ def _settings(record: Record) -> dict[str, Any]:
     return {k: v for k, v in record.asked.items() if k not in PARAM_NOISE}
 
 
-def read_run(folder: Path, *, maps_only: bool = True, require_model: bool = True) -> RunData:
+def image_candidates(row: Row) -> list[Path]:
+    """Where a row's image may be, in order: relative to the run folder as recorded (`image_rel`: the folder and
+    its images moved together), the path as given to explain (a relative one from run.json's `cwd`), and
+    `--images DIR` / key (the inputs' common root is DIR now)."""
+    rec, run = row.record, row.run
+    path = Path(rec.image)
+    cwd = run.info.get("cwd")
+    given = Path(cwd) / path if cwd and not path.is_absolute() else path
+    found = [Path(os.path.normpath(run.folder / rec.image_rel))] if rec.image_rel else []
+    found.append(given)
+    if run.images is not None:
+        found.append(run.images / rec.key)
+    return list(dict.fromkeys(found))
+
+
+def read_run(folder: Path, *, maps_only: bool = True, require_model: bool = True,
+             images: Path | None = None) -> RunData:
     """run.json and the current records of the folder (`current.current`): with `maps_only` only those with a
-    map (status ok or skipped, a .npy and a target), else every status."""
+    map (status ok or skipped, a .npy and a target), else every status. `images`: see RunData.images."""
     folder = Path(folder)
     if not folder.is_dir() or not manifest_parts(folder):
         raise UsageError(f"{folder} is not an explain run folder (no manifest.jsonl)")
     info = read_info(folder, require_model=require_model)
-    run = RunData(folder, folder.resolve().name or str(folder), info)
+    run = RunData(folder, folder.resolve().name or str(folder), info, images=None if images is None else Path(images))
     content = read_manifests(folder)
     run.bad_lines = content.bad_lines
     records = current(content.records, folder)
@@ -85,15 +106,20 @@ def read_run(folder: Path, *, maps_only: bool = True, require_model: bool = True
     return run
 
 
+def method_label(rec: Record) -> str:
+    """A record's method as shown: the method name, `name@TAG` for a configuration given `--tag TAG`."""
+    return rec.method + ("" if rec.tag is None else f"@{rec.tag}")
+
+
 def _label_settings(run: RunData) -> None:
-    """Each row's label within its run: the method name, or `name[k=v,...]` (the settings that differ) when the
-    run has several settings of that method (a noise sweep)."""
+    """Each row's label within its run: the method label (`method_label`), or `name[k=v,...]` (the settings that
+    differ) when the run has several settings of that method (a noise sweep)."""
     settings: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in run.rows:
         params = _settings(row.record)
-        settings[row.record.method][json.dumps(params, sort_keys=True, default=str)] = params
+        settings[method_label(row.record)][json.dumps(params, sort_keys=True, default=str)] = params
     for row in run.rows:
-        method = row.record.method
+        method = method_label(row.record)
         variants = settings[method]
         if len(variants) == 1:
             row.label = method
@@ -145,27 +171,49 @@ class LoadedImage:
 
 
 def load_image(row: Row, cfg: dict[str, Any], device: torch.device) -> LoadedImage:
-    """The row's image, decoded and preprocessed with the run's data config; it must be the file the run saw."""
-    path = Path(row.image)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SaliencyError(f"cannot read the image ({e.strerror or e}); manifest paths are relative to "
-                            "the folder explain ran in") from None
-    digest = file_digest(data)
-    recorded = row.record.sha256
-    if recorded and recorded != digest:
-        raise SaliencyError("the image file changed since the run (sha256 differs)")
+    """The row's image, decoded and preprocessed with the run's data config: the first of `image_candidates`
+    whose bytes have the recorded sha256 (the file the run saw)."""
+    data, digest = _image_bytes(row)
     img = decode(data, data_config=cfg)
     x, box = preprocess(img, cfg)
     return LoadedImage(x.to(device), image_seed(row.run.seed, digest), img.info.get("original_size", img.size), box)
 
 
+def _image_bytes(row: Row) -> tuple[bytes, str]:
+    recorded = row.record.sha256
+    changed = []
+    for path in image_candidates(row):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        digest = file_digest(data)
+        if not recorded or recorded == digest:
+            return data, digest
+        changed.append(str(path))
+    if changed:
+        raise SaliencyError(f"the image file changed since the run (sha256 differs): {', '.join(changed)}")
+    tried = ", ".join(str(p) for p in image_candidates(row))
+    raise SaliencyError(f"cannot find the image (tried {tried}); if the run folder or the images moved, give "
+                        "--images DIR (the folder that holds the images under their keys)")
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def load_map(row: Row, shape: tuple[int, int]) -> np.ndarray:
-    """The stored map as (H, W) float32; a (C, H, W) map becomes sum_c |m_c|; another size is resized."""
+    """The stored map as (H, W) float32; a (C, H, W) map becomes sum_c |m_c|; another size is resized. Sets
+    `row.npy_sha256` to the sha256 of the file's bytes: what a result about this map is about."""
     path = row.run.folder / str(row.record.npy)
     try:
-        m = np.load(path, allow_pickle=False).astype(np.float32)
+        data = path.read_bytes()
+        m = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+        row.npy_sha256 = hashlib.sha256(data).hexdigest()
     except (OSError, ValueError) as e:
         raise SaliencyError(f"cannot read the map {path} ({e})") from None
     if m.ndim == 3:

@@ -23,6 +23,7 @@ STATUSES = ("ok", "error", "skipped")
 REQUIRED = {"image": str, "key": str, "status": str, "method": str}
 ORDER = ("image", "key", "status", "error", "method", "params", "target", "label", "score", "outputs", "crop_box",
          "map_shape", "seconds", "sha256", "config")
+OPTIONAL = ("name", "npy_sha256", "image_rel", "tag")  # written when known
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Record:
     """One manifest line. `image`: the path as given to explain; `key`: the path relative to the inputs' common
     root (output names mirror it); `outputs`: {"npy", "overlay"} relative to the run folder; `name`: the output
     name of the map (`method`, `method+base`, `.noiseL`, `.classC`), the slot the record fills in the folder;
-    `image_rel`: the image path relative to the run folder when it lies under the folder's parent tree."""
+    `npy_sha256`: the sha256 of the .npy file's bytes as written; `image_rel`: the image path relative to the run
+    folder (how a moved folder finds its images); `tag`: the `--tag` label of the configuration."""
 
     image: str
     key: str
@@ -48,6 +50,9 @@ class Record:
     sha256: str | None = None
     config: str | None = None
     name: str | None = None
+    npy_sha256: str | None = None
+    image_rel: str | None = None
+    tag: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (e.g. `stats`)
 
     @property
@@ -70,8 +75,7 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         """The line's object: the known keys in schema order (`name` only when known), then the others."""
         out = {k: getattr(self, k) for k in ORDER}
-        if self.name is not None:
-            out["name"] = self.name
+        out.update({k: getattr(self, k) for k in OPTIONAL if getattr(self, k) is not None})
         return {**out, **self.extra}
 
     @classmethod
@@ -97,7 +101,8 @@ class Record:
                    score=float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None,
                    outputs=dict(outputs), crop_box=_list(data.get("crop_box")), map_shape=_list(data.get("map_shape")),
                    seconds=float(data["seconds"]) if isinstance(data.get("seconds"), int | float) else 0.0,
-                   sha256=_str(data.get("sha256")), config=_str(data.get("config")), name=_str(data.get("name")),
+                   sha256=_str(data.get("sha256")), config=_str(data.get("config")),
+                   **{k: _str(data.get(k)) for k in OPTIONAL},
                    extra={k: v for k, v in data.items() if k not in known})
 
 
