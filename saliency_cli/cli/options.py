@@ -168,6 +168,9 @@ def model_options(num_classes: int | None, in_chans: int | None, img_size: int |
         options["weights"] = weights.strip()
     return options
 
-ImagesDir = Annotated[Path | None, typer.Option("--images", metavar="DIR", help="Where the run's images are now, when the run "
-                                                "folder or the images moved: DIR/KEY (DIR replaces the inputs' "
-                                                "common root); an image is used only if its sha256 matches")]
+
+
+ImagesDir = Annotated[Path | None, typer.Option("--images", metavar="DIR",
+                                                help="Where the run's images are now, when the run folder or the "
+                                                "images moved: DIR/KEY (DIR replaces the inputs' common root); an "
+                                                "image is used only if its sha256 matches")]
