@@ -58,7 +58,8 @@ def discover(inputs: Iterable[str], stdin_lines: Iterable[str] | None = None, *,
         p = Path(arg)
         if p.is_dir():
             files = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+                # FIFOs and devices named like images too: each gets an error record, as when named directly
+                (f for f in p.rglob("*") if not f.is_dir() and f.suffix.lower() in IMAGE_SUFFIXES),
                 key=lambda f: f.relative_to(p).as_posix(),
             )
             entries.extend((f, p) for f in files)

@@ -200,6 +200,41 @@ def overlay(region: Image.Image, m: np.ndarray, *, cmap: str | None = None, alph
     return canvas
 
 
+TITLE_KEY = "saliency-title-height"  # a PNG text chunk: the height of the title strip atop a single overlay
+
+
+def with_title(image: Image.Image, lines: list[str]) -> Image.Image:
+    """`image` under a white strip holding its title lines (the first in bold), each wrapped to the image's width
+    in at most two lines: what a single overlay shows of its image, class and method (montages have theirs)."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    fonts = [(font(12, bold=True), 16, INK), (font(11), 14, MUTED)]
+    wrapped = [(_wrap(probe, line, f, image.width - 8, 2), f, step, ink)
+               for line, (f, step, ink) in zip(lines, fonts, strict=False)]
+    height = 8 + sum(len(rows) * step for rows, _, step, _ in wrapped)
+    canvas = Image.new("RGB", (image.width, image.height + height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 4
+    for rows, f, step, ink in wrapped:
+        for row in rows:
+            draw.text((4, y), row, fill=ink, font=f)
+            y += step
+    canvas.paste(image, (0, height))
+    return canvas
+
+
+def without_title(image: Image.Image) -> Image.Image:
+    """An overlay read back from its PNG without its title strip (files without one are returned as they are)."""
+    height = int(image.info.get(TITLE_KEY, 0) or 0)
+    return image.crop((0, height, image.width, image.height)) if 0 < height < image.height else image
+
+
+def overlay_title(key: str, record: dict[str, Any], tag: str, *, topk: bool) -> list[str]:
+    """A single overlay's title lines: the image, the explained class (name, index, probability); the method
+    with its settings."""
+    first = montage_title(key, record, seed=0, score="", topk=topk)[0]
+    return [first, f"{tag}  {settings_text(record.get('params'))}".strip()]
+
+
 def colorbar_height(width: int) -> int:
     """The height of the colour bar strip `overlay` adds below a heatmap `width` px wide."""
     return colorbar(width, Scale(1.0, False, 99.0, DEFAULT_COLORMAP)).height

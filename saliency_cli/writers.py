@@ -129,8 +129,16 @@ def write_npy(path: Path, array: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_png(path: Path, image: Image.Image) -> None:
-    _atomic(path, lambda f: image.save(f, format="PNG"), ".png")
+def write_png(path: Path, image: Image.Image, text: dict[str, str] | None = None) -> None:
+    """A PNG written atomically; `text`: tEXt chunks (key -> value) stored with it."""
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    _atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), ".png")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -238,6 +238,10 @@ def test_help_and_version_need_no_torch(args):
     (["explain", "x.jpg", "--batch-size", "0"], ["--batch-size"]),
     (["explain", "x.jpg", "--target", "topk:x"], ["topk"]),
     (["explain", "x.jpg", "--precision", "fp64"], ["--precision"]),
+    (["explain", "x.jpg", "--method", "smoothgard"], ["did you mean 'smoothgrad'", "saliency methods"]),
+    (["explain", "x.jpg", "--reduce", "mean-abs-su"], ["--reduce", "'mean-abs-sum'"]),
+    (["explain", "x.jpg", "-o", ""], ["-o/--out"]),
+    (["explain", "x.jpg"], ["input x.jpg does not exist"]),
 ])
 def test_usage_errors_need_no_torch(args, words):
     """Each is one line, exit 2, and is found before torch would be imported (the import would fail here)."""

@@ -345,7 +345,7 @@ def test_a_normal_run_prints_only_its_summary_on_stderr(tmp_path):
     proc = explain(src, tmp_path / "out", model, cwd=tmp_path)
     assert proc.returncode == 0
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
-        f"2 explained, 0 skipped, 0 failed -> {tmp_path / 'out'}"]
+        f"2 images, 2 maps: 2 explained, 0 skipped, 0 failed -> {tmp_path / 'out'}"]
 
 
 # -- 16. two runs into one folder ---------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ NAMES = sorted(METHODS)
 # Counts that only make a method slower, capped so that every method runs in a fraction of a second here; the
 # properties tested do not depend on them.
 SMALL = {"samples": 3, "steps": 4, "models": 2, "iterations": 3, "chains": 2}
-# Settings the pipeline resolves once per run before it calls a method (api.py: `--weight-noise auto` is
-# calibrated on all the run's images), so a method never sees them per batch.
+# `auto` settings replaced by a number in most tests here, to keep them quick (`--weight-noise auto` calibrates on
+# each image: over a hundred forward passes); the cost of each auto is checked on its own below.
 RUN_LEVEL = {"weight_noise": 0.05}
 ALL = 1_000_000  # an oracle batch size that takes everything at once
 SEEDS = [101, 202, 303]
@@ -176,13 +176,81 @@ def test_declared_cost_is_the_number_of_model_passes(name, tiny, tiny_ctx):
     """`cost(hyper)` equals the forward passes the oracle counts for one image, at the defaults (with --cheap) and
     with every count capped: `saliency methods` and the pipeline's group sizes rely on it."""
     method = METHODS[name]
-    for hyper in ({**method.defaults, **method.cheap, **RUN_LEVEL_VALUES(method)}, settings(method)):
-        if name in ("ggig", "mask", "smoothtaylor") and hyper is not settings(method):
-            continue  # their defaults take thousands of passes; the capped settings below exercise the formula
+    checked = 0
+    for capped, hyper in ((False, {**method.defaults, **method.cheap, **RUN_LEVEL_VALUES(method)}),
+                          (True, settings(method))):
+        if name in ("ggig", "mask", "smoothtaylor") and not capped:
+            continue  # their defaults take thousands of passes; the capped settings exercise the formula
         oracle = GradientOracle(tiny, batch_size=ALL)
         x = random_images(1, seed=3)
         method.fn(oracle, x, torch.tensor([1]), generators=make_generators([5]), ctx=tiny_ctx, **hyper)
         assert oracle.passes == method.cost(hyper), (hyper, oracle.passes)
+        checked += 1
+    assert checked >= 1
+
+
+def always_better(ctx: MethodContext) -> MethodContext:
+    """`ctx` with a scorer that runs the real metric (so its passes are counted) but reports a value lower than
+    every earlier one: an adaptive search then never stops early and spends the most passes it may."""
+    from saliency_cli.metrics import score_maps
+
+    calls = iter(range(1_000_000))
+
+    def scorer(metric, oracle, x, target, maps):  # noqa: ANN001, ANN202
+        score_maps(metric, oracle, x, target, maps, ctx.bounds)
+        return torch.full((x.shape[0],), -float(next(calls)))
+
+    return MethodContext(ctx.bounds, ctx.seed, scorer)
+
+
+def auto_variants(name: str) -> list[dict]:
+    """Each `auto` a method offers, one at a time, on the capped settings: a sample or model count with a
+    correlation target no map reaches (so it runs to its cap, 12 samples or 4 models: the declared cost is that
+    cap's), the weight noise calibrated on the image, and smoothtaylor's adaptive noising under each objective."""
+    from saliency_cli.methods.settings import OBJECTIVES, SETTINGS
+
+    method = METHODS[name]
+    hyper = settings(method)
+    variants = []
+    for key in method.defaults:
+        if not SETTINGS[key].auto:
+            continue
+        if key == "weight_noise":
+            variants.append({**hyper, key: "auto"})
+            continue
+        if key == "noise":
+            if name == "smoothtaylor":
+                variants += [{**hyper, "noise": "auto", "objective": o} for o in OBJECTIVES]
+            continue  # the adaptive noising is smoothtaylor's alone (the pipeline refuses it elsewhere)
+        if (name, key) == ("fusiongrad", "samples"):
+            continue  # refused: fusiongrad's rounds run over noisy models (--models auto)
+        variants.append({**hyper, key: "auto", "converge": 0.999999, "max_samples": 12 if key == "samples" else 4})
+    return variants
+
+
+def test_every_auto_setting_is_covered():
+    """The variants below reach every method with a per-image auto setting (so a new one is not missed)."""
+    covered = {name for name in NAMES if auto_variants(name)}
+    assert {"smoothgrad", "smoothgrad-sq", "vargrad", "adaptgrad", "noisegrad", "fusiongrad", "smoothtaylor"} <= covered
+    assert len(auto_variants("smoothtaylor")) == 3  # -n auto and the adaptive noising under both objectives
+    assert len(auto_variants("noisegrad")) == 2  # --models auto, --weight-noise auto
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if auto_variants(n)])
+def test_declared_cost_of_every_auto_setting_is_the_number_of_model_passes(name, tiny, tiny_ctx):
+    """For each `auto` a method offers, the declared cost is the passes the oracle counts when the auto runs as
+    long as it may: sample and model counts to their cap (including a last round cut short by the cap), and
+    smoothtaylor's adaptive noising through all its steps, the scorer's passes (aupc's) included."""
+    method = METHODS[name]
+    for hyper in auto_variants(name):
+        oracle = GradientOracle(tiny, batch_size=ALL)
+        x = random_images(1, seed=3)
+        result = method.fn(oracle, x, torch.tensor([1]), generators=make_generators([5]), ctx=always_better(tiny_ctx),
+                           **hyper)
+        assert oracle.passes == method.cost(hyper), (hyper, oracle.passes, method.cost(hyper))
+        used = result.stats.get("samples_used", result.stats.get("models_used"))
+        if used is not None:
+            assert int(used[0]) == hyper["max_samples"]  # it did run to the cap
 
 
 def RUN_LEVEL_VALUES(method: Method) -> dict:  # noqa: N802 - reads like the constant it extends

@@ -32,8 +32,9 @@ def _version(value: bool) -> None:
 def build_app() -> typer.Typer:
     """A fresh app with every command (the explain options are generated from the settings table as it is now)."""
     from saliency_cli.cli import check, compare, evaluate, explain, info, merge, methods, report
+    from saliency_cli.cli.help import Command, Group
 
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Attribution maps (SmoothGrad and its successors) for image classifiers.")
 
     @app.callback()
@@ -41,14 +42,14 @@ def build_app() -> typer.Typer:
                                                    help="Print the version and exit")] = False) -> None:
         """Attribution maps (SmoothGrad and its successors) for image classifiers."""
 
-    app.command("explain")(explain.build_command())
-    app.command("methods")(methods.list_methods)
-    app.command("info")(info.info)
-    app.command("evaluate")(evaluate.evaluate)
-    app.command("report")(report.report)
-    app.command("compare")(compare.compare)
-    app.command("merge")(merge.merge)
-    app.command("check")(check.build_command())
+    app.command("explain", cls=Command)(explain.build_command())
+    app.command("methods", cls=Command)(methods.list_methods)
+    app.command("info", cls=Command)(info.info)
+    app.command("evaluate", cls=Command)(evaluate.evaluate)
+    app.command("report", cls=Command)(report.report)
+    app.command("compare", cls=Command)(compare.compare)
+    app.command("merge", cls=Command)(merge.merge)
+    app.command("check", cls=Command)(check.build_command())
     return app
 
 
@@ -61,6 +62,8 @@ def _report(e: BaseException, debug: bool) -> int:
             raise e
         err.print(f"saliency: error: {e}", markup=False)
         return int(e.exit_code)
+    if type(e).__name__ == "NoArgsIsHelpError":  # `saliency` alone: the help is printed already
+        return int(ExitCode.OK)
     if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors
         err.print(f"saliency: error: {e.format_message()}", markup=False)
         return int(e.exit_code)
@@ -72,45 +75,47 @@ def _report(e: BaseException, debug: bool) -> int:
     return int(ExitCode.FATAL)
 
 
-_SIGNALS: list[int] = []  # SIGTERM received (Typer turns the interrupt it raises into exit 130: tell them apart)
+COMPLETE_VAR = "_SALIENCY_COMPLETE"
 
 
-def _terminate(signum: int, frame: object) -> None:
-    from saliency_cli.errors import Terminated
-
-    _SIGNALS.append(signum)
-    raise Terminated()
+def _completion_instruction() -> None:
+    """Typer's completion scripts send `complete_bash` (instruction_shell); Click's order `bash_complete` (as
+    Click's own scripts and docs have it) is accepted too."""
+    shell, _, instruction = os.environ.get(COMPLETE_VAR, "").partition("_")
+    if shell in ("bash", "zsh", "fish") and instruction in ("complete", "source"):
+        os.environ[COMPLETE_VAR] = f"{instruction}_{shell}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn every outcome into one exit code."""
+    """Entry point: run the app and turn every outcome into one exit code. A SIGINT or SIGTERM at any moment
+    exits 130 or 143, even one a library swallowed while being imported (errors.on_signal notes each)."""
     import signal
     import warnings
 
+    from saliency_cli.errors import SIGNALS, Terminated, on_signal, raise_if_signalled
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # like Ctrl-C: whole files only, run.json finalised, exit 143
     from saliency_cli.cli.console import err
-    from saliency_cli.errors import Terminated
 
     debug = os.environ.get("SALIENCY_DEBUG") == "1"
     if not debug:  # library warnings (Pillow, torch, numpy) are not for the user; SALIENCY_DEBUG=1 shows them
         warnings.simplefilter("ignore")
-    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: whole files only, run.json finalised, exit 143
-    command = typer.main.get_command(build_app())
+    _completion_instruction()
     try:
+        command = typer.main.get_command(build_app())
+        raise_if_signalled()
         code = command.main(args=argv, prog_name="saliency", standalone_mode=False)
-        if code == ExitCode.INTERRUPTED and _SIGNALS:  # Typer turns any interrupt inside a command into 130
-            code = ExitCode.TERMINATED
-            err.print("saliency: terminated", markup=False)
-        elif code == ExitCode.INTERRUPTED:
-            err.print("saliency: interrupted", markup=False)
     except typer.Exit as e:
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort) as e:  # click wraps a KeyboardInterrupt in Abort
-        if _SIGNALS or isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
-            err.print("saliency: terminated", markup=False)
-            code = ExitCode.TERMINATED
-        else:
-            err.print("saliency: interrupted", markup=False)
-            code = ExitCode.INTERRUPTED
+        terminated = isinstance(e, Terminated) or isinstance(e.__cause__, Terminated)
+        code = ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line and an exit code
         code = _report(e, debug)
-    sys.exit(int(code) if isinstance(code, int) else 0)
+    code = int(code) if isinstance(code, int) else 0
+    if SIGNALS or code == ExitCode.INTERRUPTED:  # Typer turns any interrupt inside a command into 130
+        code = ExitCode.TERMINATED if signal.SIGTERM in SIGNALS else ExitCode.INTERRUPTED
+        err.print("saliency: terminated" if code == ExitCode.TERMINATED else "saliency: interrupted", markup=False)
+    SIGNALS.clear()  # reported: a later main() in this process (tests, notebooks) starts afresh
+    sys.exit(code)

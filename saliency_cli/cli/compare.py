@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from saliency_cli.cli import options as o
-from saliency_cli.cli.console import Progress, err, warn
+from saliency_cli.cli.console import Progress, err, table, warn
 from saliency_cli.cli.evaluate import parse_bounds
 from saliency_cli.errors import ExitCode
 
@@ -25,7 +25,8 @@ def compare(
                                           show_default=False)],
     run_b: Annotated[Path, typer.Argument(help="The run folder under review (e.g. after the retrain)",
                                           show_default=False)],
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Where comparison.json, .csv and the strips "
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+                                                help="Where comparison.json, .csv and the strips "
                                                  "go (default: RUN_B)")] = None,
     fail_under: Annotated[list[str] | None, typer.Option(help="spearman=VALUE or iou=VALUE: exit 4 when ANY image's "
                                                          "value for a method is below (per image, not the mean; "
@@ -49,8 +50,8 @@ def compare(
     bounds = parse_bounds(fail_under, "--fail-under")
     progress = Progress("comparing", enabled=not (quiet or json_out), unit="maps")
     try:
-        cmp = api.compare(run_a, run_b, out=out_dir, fail_under=bounds, strips=strips, pool=pool, top=top,
-                          on_progress=progress.update)
+        cmp = api.compare(run_a, run_b, out=o.out_path(out_dir), fail_under=bounds, strips=strips, pool=pool,
+                          top=top, on_progress=progress.update)
     finally:
         progress.stop()
     for w in cmp.warnings:
@@ -74,19 +75,14 @@ def _num(v: Any) -> str:
 
 def _print_table(cmp: Any) -> None:
     """The most changed pairs first (TABLE_ROWS of them), then the per-method means."""
-    from rich.table import Table
-
-    table = Table(title=f"saliency compare: {cmp.run_a.name} -> {cmp.run_b.name}, most changed first "
-                        f"(Spearman of pooled |map|; IoU of the top {100 * cmp.options['top']:g} %)")
-    for col, justify in (("image", "left"), ("method", "left"), ("spearman", "right"), ("iou", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for p in cmp.pairs[:TABLE_ROWS]:
-        table.add_row(p.key, p.method, _num(p.spearman), _num(p.iou))
+    rows = [[p.key, p.method, _num(p.spearman), _num(p.iou)] for p in cmp.pairs[:TABLE_ROWS]]
     if len(cmp.pairs) > TABLE_ROWS:
-        table.add_row(f"... {len(cmp.pairs) - TABLE_ROWS} more in comparison.csv", "", "", "")
-    for method, st in cmp.summary.items():
-        table.add_row("[b]mean[/b]", method, _num(st["spearman"]["mean"]), _num(st["iou"]["mean"]))
-    err.print(table)
+        rows.append([f"... {len(cmp.pairs) - TABLE_ROWS} more in comparison.csv", "", "", ""])
+    rows += [["mean", method, _num(st["spearman"]["mean"]), _num(st["iou"]["mean"])]
+             for method, st in cmp.summary.items()]
+    table(err, f"saliency compare: {cmp.run_a.name} -> {cmp.run_b.name}, most changed first (Spearman of pooled "
+          f"|map|; IoU of the top {100 * cmp.options['top']:g} %)", ["image", "method", "spearman", "iou"], rows,
+          right=(2, 3))
     for line in cmp.differences.get("sentences", []):  # besides the maps: models, preprocessing, settings
         err.print(f"note: {line}", markup=False)
     if cmp.only_a or cmp.only_b:

@@ -20,14 +20,39 @@ def listing(rows: list[dict[str, Any]], json_out: bool, title: str, columns: lis
 
         print(json.dumps(rows, indent=2, default=str))
         return
-    from rich.table import Table
+    table(out, title, columns, [cells(r) for r in rows])
 
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*cells(r))
-    out.print(table)
+
+def table(console: Console, title: str, header: list[str], rows: list[list[str]],
+          right: tuple[int, ...] = ()) -> None:
+    """A table whose every name and number is shown in full: a rich table wrapped at word boundaries when the
+    longest word of each column fits the console's width, else stacked (each row's first cell as a heading, then
+    `column: value` lines). Columns whose index is in `right` are right-aligned in the table form."""
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    def longest_word(texts: list[str]) -> int:
+        return max((len(w) for t in texts for w in str(t).split()), default=1)
+
+    widths = [longest_word([h] + [r[i] for r in rows]) for i, h in enumerate(header)]
+    if sum(widths) + 3 * len(header) + 1 <= console.width:
+        grid = Table(title=title)
+        for i, (col, width) in enumerate(zip(header, widths, strict=True)):
+            grid.add_column(col, min_width=width, overflow="fold", justify="right" if i in right else "left")
+        for row in rows:
+            grid.add_row(*(Text(str(c)) for c in row))
+        console.print(grid)
+        return
+    console.print(Text(title, style="bold"))
+    for row in rows:
+        console.print(Text(str(row[0]), style="bold cyan"))
+        lines = Table.grid(padding=(0, 1))
+        lines.add_column(no_wrap=True)
+        lines.add_column(overflow="fold")
+        for col, cell in zip(header[1:], row[1:], strict=True):
+            lines.add_row(Text(f"{col}:", style="dim"), Text(str(cell)))
+        console.print(Padding(lines, (0, 0, 0, 2)))
 
 
 def warn(message: str) -> None:
@@ -51,7 +76,7 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
-        self.bar = RichProgress(TextColumn(self.verb), BarColumn(), MofNCompleteColumn(),
+        self.bar = RichProgress(TextColumn(self.verb), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err)
         self.task = self.bar.add_task(self.verb, total=total, rate="")
         self.bar.start()

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
+from saliency_cli.cli import complete
 from saliency_cli.cli import options as o
-from saliency_cli.cli.console import Progress, err, listing, warn
+from saliency_cli.cli.console import Progress, err, listing, table, warn
 from saliency_cli.errors import ExitCode, UsageError
 
 Runs = Annotated[list[Path] | None, typer.Argument(help="Run folders of `saliency explain` (several: compared side "
@@ -49,20 +50,24 @@ def _names(text: str | None, option: str = "--metrics") -> list[str] | None:
 
 def evaluate(
     runs: Runs = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma list of metrics (default: deletion, insertion, "
-                                                "aupc, noise, sparseness, keep, remove; plus pointing, "
-                                                "energy with --boxes/--masks)")] = None,
-    baseline: Annotated[str, typer.Option(help="Infill of removed pixels: blur, mean or black")] = "blur",
-    boxes: Annotated[Path | None, typer.Option(help="Object boxes, JSON or CSV: image -> (left, top, right, "
-                                               "bottom) in original pixels")] = None,
-    masks: Annotated[Path | None, typer.Option(help="Folder of object masks named like the images")] = None,
-    sanity: Annotated[str | None, typer.Option(help="Sanity checks: randomization, perturbation (comma list; "
-                                               "they recompute the maps)")] = None,
-    fail_under: Annotated[list[str] | None, typer.Option(help="METRIC=VALUE: exit 4 when a method's mean is "
-                                                         "below (repeatable)")] = None,
-    fail_over: Annotated[list[str] | None, typer.Option(help="METRIC=VALUE: exit 4 when a method's mean is "
-                                                        "above (repeatable)")] = None,
-    out_dir: o.OutDir = None,  # type: ignore[assignment]  # None: the first run folder
+    metrics: Annotated[str | None, typer.Option(metavar="NAME[,NAME...]", autocompletion=complete.completer(
+        complete.metric_names, comma_list=True), help="Comma list of metrics (default: deletion, insertion, aupc, "
+        "noise, sparseness, keep, remove; plus pointing, energy with --boxes/--masks)")] = None,
+    baseline: Annotated[str, typer.Option(metavar="NAME", autocompletion=complete.choices(("blur", "mean", "black")),
+                                          help="Infill of removed pixels: blur, mean or black")] = "blur",
+    boxes: Annotated[Path | None, typer.Option(metavar="FILE", help="Object boxes, JSON or CSV: image -> (left, "
+                                               "top, right, bottom) in original pixels")] = None,
+    masks: Annotated[Path | None, typer.Option(metavar="DIR", help="Folder of object masks named like the "
+                                               "images")] = None,
+    sanity: Annotated[str | None, typer.Option(metavar="NAME[,NAME...]", autocompletion=complete.completer(
+        complete.sanity_names, comma_list=True), help="Sanity checks: randomization, perturbation (comma list; "
+        "they recompute the maps)")] = None,
+    fail_under: Annotated[list[str] | None, typer.Option(metavar="METRIC=X", help="Exit 4 when a method's mean "
+                                                         "is below (repeatable)")] = None,
+    fail_over: Annotated[list[str] | None, typer.Option(metavar="METRIC=X", help="Exit 4 when a method's mean "
+                                                        "is above (repeatable)")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=o.OUTPUTS,
+                                                  help="Output folder (default: the first run folder)")] = None,
     images: o.ImagesDir = None,
     device: o.Device = "auto",
     batch_size: o.BatchSize = "auto",
@@ -85,7 +90,7 @@ def evaluate(
         runs=list(runs), metrics=_names(metrics), baseline=baseline, boxes=boxes, masks=masks,
         sanity=_names(sanity, "--sanity") or [], fail_under=parse_bounds(fail_under, "--fail-under"),
         fail_over=parse_bounds(fail_over, "--fail-over"), device=device, batch_size=o.parse_batch_size(batch_size),
-        out=out_dir, shard=shard, images=images,
+        out=o.out_path(out_dir), shard=shard, images=images,
     )
     progress = Progress("evaluating", enabled=not (quiet or json_out), unit="maps")
     try:
@@ -145,16 +150,9 @@ def comparison_rows(ev: Any) -> tuple[list[str], list[list[str]]]:
 
 
 def _print_table(ev: Any) -> None:
-    from rich.table import Table
-
     header, rows = comparison_rows(ev)
-    table = Table(title="saliency evaluate: mean ± 95 % CI over the n images with a value (↑ higher is better, "
-                  "↓ lower; * best)")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    err.print(table)
+    table(err, "saliency evaluate: mean ± 95 % CI over the n images with a value (↑ higher is better, ↓ lower; "
+          "* best)", header, rows, right=tuple(range(1, len(header))))
 
 
 def _metric_cells(r: dict[str, Any]) -> list[str]:

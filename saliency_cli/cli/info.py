@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
-from rich.markup import escape
 
 from saliency_cli.cli import options as o
 from saliency_cli.cli.console import out
@@ -38,5 +38,26 @@ def info(
     if json_out:
         typer.echo(json.dumps(data, indent=2, default=str))
         return
-    for k, v in data.items():
-        out.print(f"[bold]{k}[/bold]: {escape(str(v))}")
+    for line in lines(data):
+        out.print(line, markup=False)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def lines(data: dict[str, Any], indent: str = "") -> list[str]:
+    """`key: value` lines; a nested mapping as its key alone, then its own lines indented two spaces; lists and
+    tuples as comma lists (no Python reprs)."""
+    result = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            result.append(f"{indent}{key}:")
+            result += lines(value, indent + "  ")
+        else:
+            result.append(f"{indent}{key}: {_plain(value) if value != {} else '-'}")
+    return result

@@ -1,78 +1,100 @@
-"""Option types shared by the commands, defined once (`Annotated[...]`), closed choices as str Enums, and the
-parsers of option text. The method hyper-parameter options of `explain` are generated from the settings table
-(methods/settings.py) in cli/explain.py. No torch here."""
+"""Option types shared by the commands, defined once (`Annotated[...]`) with their help panel, placeholder and
+completion, and the parsers of option text. Closed choices arrive as text and are checked here or by the pipeline,
+naming the closest value on a typo. The method hyper-parameter options of `explain` are generated from the
+settings table (methods/settings.py) by `setting_option`. No torch here."""
 
 from __future__ import annotations
 
-from enum import Enum
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from saliency_cli.errors import UsageError
+from saliency_cli.cli import complete
+from saliency_cli.errors import UsageError, unknown
+from saliency_cli.methods.settings import Setting
+from saliency_cli.pipeline.plan import PRECISIONS, REDUCTIONS, SCORES  # noqa: F401 - the choices of explain
+
+# The panels of `--help` (cli/help.py draws one table per panel)
+MODEL, METHOD, NOISE, OUTPUTS, RUN = "Model", "Method", "Noise and samples", "Outputs", "Run"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def closed(value: str | None, option: str, allowed: tuple[str, ...]) -> str | None:
+    """`value` if it is one of `allowed` (None stays None), else a usage error naming the closest."""
+    if value is not None and value not in allowed:
+        raise unknown(option, "value", value, allowed)
+    return value
 
 
-class Score(str, Enum):
-    logit = "logit"
-    prob = "prob"
-    logprob = "logprob"
+def setting_option(row: Setting) -> inspect.Parameter:
+    """The `explain` option of one settings-table row: its flags, placeholder, help (choices listed), panel and
+    completion; the value arrives as text (None: not given) and is parsed and checked by the row."""
+    names = [row.flag] + ([row.short] if row.short else [])
+    option = typer.Option(*names, help=row.help_text, show_default=False, metavar=row.metavar,
+                          rich_help_panel=row.panel, autocompletion=complete.setting_completer(row.name))
+    return inspect.Parameter(row.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[str | None, option])
 
 
-class Reduction(str, Enum):
-    sum = "sum"
-    abs_sum = "abs-sum"
-    max_abs = "max-abs"
-    none = "none"
-    mean_abs_sum = "mean-abs-sum"  # noisegrad/fusiongrad: mean of each noisy model's sum_c |A_c| (the reference's)
+Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME", rich_help_panel=MODEL,
+                                    help="'default' (the bundled EfficientNet-Lite0), a timm name, torchvision:NAME, "
+                                    "local-dir:PATH, hf-hub:NAME, a Hugging Face transformers folder or "
+                                    "transformers:ORG/NAME (cache), or a TorchScript/.pt2 file")]
+Checkpoint = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=MODEL,
+                                                help="Local weights (.safetensors, or a .pth/.pt state dict or "
+                                                "training checkpoint, read without unpickling code)")]
+Device = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=RUN, help="auto (cuda, mps, cpu), cpu, cuda, "
+                                     "cuda:N or mps", autocompletion=complete.choices(complete.DEVICES))]
+BatchSize = Annotated[str, typer.Option(metavar="N|auto", rich_help_panel=RUN, help="Most inputs per "
+                                        "forward/backward, or auto (backs off on out-of-memory)")]
+InputSize = Annotated[str | None, typer.Option(metavar="H,W", rich_help_panel=MODEL,
+                                               help="Model input size (TorchScript/exported models)")]
+Mean = Annotated[str | None, typer.Option(metavar="X,X,X", rich_help_panel=MODEL,
+                                          help="Normalisation mean per channel")]
+Std = Annotated[str | None, typer.Option(metavar="X,X,X", rich_help_panel=MODEL,
+                                         help="Normalisation std per channel")]
+CropPct = Annotated[float | None, typer.Option(metavar="X", rich_help_panel=MODEL,
+                                               help="Resize to size/crop_pct, then center-crop")]
+Interpolation = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=MODEL,
+                                                   help="Resize interpolation: " + ", ".join(INTERPOLATIONS),
+                                                   autocompletion=complete.choices(INTERPOLATIONS))]
+Labels = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=MODEL,
+                                            help="Class names: a text file (one per line) or a JSON list")]
+JsonOut = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUTS, help="Machine-readable output on stdout")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUTS, help="No progress bar")]
+ShardOption = Annotated[str | None, typer.Option("--shard", metavar="I/N", rich_help_panel=RUN,
+                                                 help="This process's share of the inputs (default: from torchrun "
+                                                 "or Slurm, else everything)")]
+OutDir = Annotated[str, typer.Option("--out", "-o", metavar="DIR", rich_help_panel=OUTPUTS, help="Output folder")]
 
 
-def choice_enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
-    """A str Enum of `choices` (for a settings row with closed choices)."""
-    return Enum(name, {c: c for c in choices}, type=str)  # type: ignore[return-value]
-
-
-Model = Annotated[str, typer.Option("--model", "-m", help="'default' (bundled EfficientNet-Lite0), a timm name, "
-                                    "torchvision:NAME, local-dir:PATH, hf-hub:NAME, a Hugging Face transformers "
-                                    "folder or transformers:ORG/NAME (cache), or a TorchScript/.pt2 file")]
-Checkpoint = Annotated[str | None, typer.Option(help="Local weights (.safetensors, or a .pth/.pt state dict or "
-                                                "training checkpoint, loaded without unpickling code)")]
-Device = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")]
-BatchSize = Annotated[str, typer.Option(help="Most inputs per forward/backward, or auto (backs off on "
-                                        "out-of-memory)")]
-InputSize = Annotated[str | None, typer.Option(help="Model input size, H,W or S (TorchScript/exported models)")]
-Mean = Annotated[str | None, typer.Option(help="Normalisation mean per channel, comma list")]
-Std = Annotated[str | None, typer.Option(help="Normalisation std per channel, comma list")]
-CropPct = Annotated[float | None, typer.Option(help="Resize to size/crop_pct, then center-crop")]
-Interpolation = Annotated[str | None, typer.Option(help="Resize interpolation (bilinear, bicubic, nearest, "
-                                                   "lanczos, box, hamming)")]
-Labels = Annotated[str | None, typer.Option(help="Class names: text file (one per line) or JSON list")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
-ShardOption = Annotated[str | None, typer.Option("--shard", help="I/N: this process's share of the inputs "
-                                                 "(default: from torchrun or Slurm, else everything)")]
-OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder")]
+def out_path(text: str | None, option: str = "-o/--out") -> Path | None:
+    """An output folder given on the command line (None stays None); empty text is a usage error (Path("") would
+    be the current folder)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError(f"{option}: give a folder (empty text is not one)")
+    return Path(text)
 # Model options: how to build the architecture a checkpoint needs (models.load_model's `options`).
-NumClasses = Annotated[int | None, typer.Option(help="Classes of the model's head, e.g. 10 for a checkpoint "
-                                                "trained on 10 classes (timm, torchvision)", show_default=False)]
-InChans = Annotated[int | None, typer.Option(help="Input channels the timm model is built for: 1 for a grayscale "
-                                             "model (images are then converted to gray)", show_default=False)]
-ImgSize = Annotated[int | None, typer.Option(help="Input side the timm model is built for (models with a fixed "
-                                             "size, such as ViTs); also the input size", show_default=False)]
-ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", metavar="JSON",
+NumClasses = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=MODEL, show_default=False,
+                                                help="Classes of the model's head, e.g. 10 for a checkpoint "
+                                                "trained on 10 classes (timm, torchvision)")]
+InChans = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=MODEL, show_default=False,
+                                             help="Input channels of the timm model: 1 for a grayscale model "
+                                             "(images are then converted to gray)")]
+ImgSize = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=MODEL, show_default=False,
+                                             help="Input side of the timm model (models of a fixed size, such as "
+                                             "ViTs); also the input size")]
+ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", metavar="JSON", rich_help_panel=MODEL,
                                                  help="JSON object of further arguments to timm.create_model or "
                                                  "the torchvision builder, e.g. '{\"drop_rate\": 0}'",
                                                  show_default=False)]
-Weights = Annotated[str | None, typer.Option(help="torchvision weights (e.g. IMAGENET1K_V2) whose preprocessing "
-                                             "and class names to use, with -m torchvision:NAME", show_default=False)]
-
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+Weights = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=MODEL, show_default=False,
+                                             help="torchvision weights (e.g. IMAGENET1K_V2) whose preprocessing "
+                                             "and class names to use, with -m torchvision:NAME")]
 
 
 def parse_floats(text: str | None, option: str) -> list[float] | None:
@@ -106,8 +128,7 @@ def data_overrides(input_size: str | None, mean: str | None, std: str | None, cr
         raise UsageError(f"--input-size {input_size!r}: expected S or H,W in whole pixels")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise UsageError("--crop-pct must be in (0, 1]")
-    if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise UsageError(f"--interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+    closed(interpolation, "--interpolation", INTERPOLATIONS)
     values = {"--mean": parse_floats(mean, "--mean"), "--std": parse_floats(std, "--std")}
     for option, vals in values.items():
         if vals is not None and (not vals or any(v != v or v in (float("inf"), float("-inf")) for v in vals)):
@@ -147,6 +168,9 @@ def model_options(num_classes: int | None, in_chans: int | None, img_size: int |
         options["weights"] = weights.strip()
     return options
 
-ImagesDir = Annotated[Path | None, typer.Option("--images", help="Where the run's images are now, when the run "
-                                                "folder or the images moved: DIR/KEY (DIR replaces the inputs' "
-                                                "common root); an image is used only if its sha256 matches")]
+
+
+ImagesDir = Annotated[Path | None, typer.Option("--images", metavar="DIR",
+                                                help="Where the run's images are now, when the run folder or the "
+                                                "images moved: DIR/KEY (DIR replaces the inputs' common root); an "
+                                                "image is used only if its sha256 matches")]

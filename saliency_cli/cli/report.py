@@ -21,8 +21,9 @@ Runs = Annotated[list[Path], typer.Argument(help="Run folders of `saliency expla
 
 def report(
     runs: Runs,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: the first run "
-                                                 "folder); the files it links are copied into it (see --link)")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+                                                help="Report folder (default: the first run folder); the files "
+                                                "it links are copied into it (see --link)")] = None,
     comparison: Annotated[Path | None, typer.Option(help="A comparison.json of `saliency compare` to show "
                                                     "(default: any in the run folders)")] = None,
     page_size: Annotated[int, typer.Option(help="Rows a page")] = 50,
@@ -42,7 +43,7 @@ def report(
 
     progress = Progress("thumbnails", enabled=not (quiet or json_out), unit="thumbnails")
     try:
-        result = api.report(list(runs), out=out_dir, comparison=comparison, page_size=page_size,
+        result = api.report(list(runs), out=o.out_path(out_dir), comparison=comparison, page_size=page_size,
                             thumb_size=thumb_size, link=link, on_progress=progress.update, images=images)
     finally:
         progress.stop()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from saliency_cli.errors import UsageError
+from saliency_cli.errors import UsageError, unknown
 
 QUADRATURES = ("gausslegendre", "riemann-left", "riemann-right", "riemann-middle", "trapezoid")
 BASELINES = ("black", "mean", "blur", "uniform")
@@ -65,10 +65,27 @@ class Setting:
     check: Callable[[Any], str | None] | None = None
     auto: bool = False
     short: str | None = None
+    panel: str = "Method settings"  # the group of `explain --help` the option is shown in
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def metavar(self) -> str:
+        """The value placeholder of the option: NAME (a choice), N (whole), X (number), X,X... (levels), |auto."""
+        word = "NAME" if self.choices else {int: "N", float: "X", "levels": "X,X..."}.get(self.kind, "TEXT")
+        return word + ("|auto" if self.auto else "")
+
+    @property
+    def help_text(self) -> str:
+        """The help with the choices listed (`NAME` stands for one of them) and `or auto` where allowed."""
+        text = self.help
+        if self.choices and not all(c in text for c in self.choices):  # unless the help names them already
+            text += ": " + ", ".join(self.choices)
+        if self.auto and "auto" not in text:
+            text += " (or auto)"
+        return text
 
     def parse(self, text: str) -> Any:
         """Command-line text to a value (`auto`, a number, a choice, or a list of levels); UsageError if bad."""
@@ -97,7 +114,7 @@ class Setting:
             return
         if self.choices:
             if value not in self.choices:
-                raise UsageError(f"{self.flag} {value!r}: expected one of {', '.join(self.choices)}")
+                raise unknown(self.flag, "value", str(value), self.choices)
             return
         values = value if self.kind == "levels" else [value]
         for v in values:
@@ -127,29 +144,28 @@ def add_setting(row: Setting) -> Setting:
     return row
 
 
+NOISE_PANEL = "Noise and samples"
 for _row in (
-    Setting("noise", "Noise level relative to each image's range in model input space (sigma = noise * (max - "
-            "min)), or with --noise-unit absolute the std itself in model-input units; a comma list sweeps, one "
-            "map per level; smoothtaylor: auto (adaptive noising)", "levels", check=in_range(0, 10), auto=True),
+    Setting("noise", "Noise level, relative to each image's range (sigma = noise * (max - min)), or with "
+            "--noise-unit absolute the std in model-input units; a comma list sweeps (a map per level); "
+            "smoothtaylor: auto (adaptive noising)", "levels", check=in_range(0, 10), auto=True, panel=NOISE_PANEL),
     Setting("noise_unit", "Unit of --noise: relative (to each image's range, the SmoothGrad paper's) or absolute "
-            "(model-input units, as Captum's stdevs)", str, choices=NOISE_UNITS),
-    Setting("samples", "Noise samples per image, or auto (rounds until two independent halves of the samples "
-            "agree to --converge, at most --max-samples)", int, check=in_range(1, 1_000_000), auto=True,
-            short="-n"),
-    Setting("converge", "-n/--models auto: stop when the split-half correlation of the pooled map reaches this",
-            float, check=between(0, 1)),
-    Setting("max_samples", "-n/--models auto: the most samples (noisy models for --models auto) per image", int,
-            check=in_range(2, 1_000_000)),
-    Setting("base", "Smoothers: the attribution averaged over the noise (its own options, e.g. --steps, apply)",
-            str, choices=BASES),
+            "(model-input units, as Captum's stdevs)", str, choices=NOISE_UNITS, panel=NOISE_PANEL),
+    Setting("samples", "Noise samples per image, or auto (until two halves of the samples agree to --converge, "
+            "at most --max-samples)", int, check=in_range(1, 1_000_000), auto=True, short="-n", panel=NOISE_PANEL),
+    Setting("converge", "-n/--models auto: stop when the split-half correlation reaches this", float,
+            check=between(0, 1), panel=NOISE_PANEL),
+    Setting("max_samples", "-n/--models auto: the most samples (or noisy models) per image", int,
+            check=in_range(2, 1_000_000), panel=NOISE_PANEL),
+    Setting("base", "Smoothers: the attribution averaged over the noise (its own settings apply)", str,
+            choices=BASES, panel="Method"),
     Setting("steps", "Path points (integrated-gradients, ggig)", int, check=at_least(1)),
     Setting("baseline", "Reference input of path and mask methods", str, choices=BASELINES),
     Setting("quadrature", "Integrated-gradients quadrature rule", str, choices=QUADRATURES),
-    Setting("weight_noise", "NoiseGrad/FusionGrad multiplicative weight noise s, or auto (calibrated on each "
-            "image alone: the largest s at which 10 noisy models all keep its top-1 class)", float,
-            check=non_negative, auto=True),
-    Setting("models", "Noisy models (noisegrad, fusiongrad), or auto (rounds of models until the split-half "
-            "correlation reaches --converge, at most --max-samples models)", int, check=at_least(1), auto=True),
+    Setting("weight_noise", "NoiseGrad/FusionGrad multiplicative weight noise, or auto (calibrated on each image: "
+            "the largest at which 10 noisy models all keep its top-1 class)", float, check=non_negative, auto=True),
+    Setting("models", "NoiseGrad/FusionGrad noisy models, or auto (rounds of models until the split-half "
+            "correlation reaches --converge)", int, check=at_least(1), auto=True),
     Setting("confidence", "AdaptGrad: probability that a noisy sample stays in the valid input range", float,
             check=between(0, 1)),
     Setting("iterations", "GGIG ascent steps; mask forward passes", int, check=at_least(1)),

@@ -39,6 +39,12 @@ PAPER = "Goh, Lapuschkin, Weber, Samek, Binder 2021, ICPR 2020, arXiv:2004.10484
 # The reference's default is 0.5 absolute in normalised units. For ImageNet-normalised images the range
 # max(x) - min(x) is about 4.7 (at most 4.758), so the relative equivalent is 0.5 / 4.7 = 0.106.
 TAYLOR_NOISE = 0.106
+ADAPTIVE_MAX_STEPS = 20
+ADAPTIVE_EVALUATIONS = 2 * ADAPTIVE_MAX_STEPS + 1  # candidates scored at most: the start, then 2 a step
+# Forward passes per image of one scoring by each objective at its metric's default options (metrics/: `noise`,
+# AUTVC, needs none; `aupc` perturbs regions + 1 = 31 times). A method never imports the metrics; the registry
+# contract test counts the passes of the real scorer against the declared cost.
+SCORER_PASSES = {"noise": 0, "aupc": 31}
 
 
 def smoothtaylor_at(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor,
@@ -65,7 +71,8 @@ def smoothtaylor_at(oracle: GradientOracle, x: torch.Tensor, target: torch.Tenso
 @register("smoothtaylor", summary="Mean first-order Taylor term around Gaussian roots near the input",
           paper=PAPER, defaults={"noise": TAYLOR_NOISE, "samples": 150, "objective": "noise", "noise_unit": "relative",
                                  "converge": 0.95, "max_samples": 600}, stochastic=True,
-          cost=lambda h: _samples(h) * (1 if h["noise"] != "auto" else 2 * ADAPTIVE_MAX_STEPS + 1),
+          cost=lambda h: _samples(h) if h["noise"] != "auto" else ADAPTIVE_EVALUATIONS * (
+              _samples(h) + SCORER_PASSES[h["objective"]]),
           reduce="abs-sum", cheap={"samples": 50},
           width=lambda h: ROUND if h["samples"] == "auto" else int(h["samples"]))
 def smoothtaylor(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, *,
@@ -104,7 +111,6 @@ def _samples(hyper: dict[str, Any]) -> int:
     return int(hyper["max_samples"] if hyper["samples"] == "auto" else hyper["samples"])
 
 
-ADAPTIVE_MAX_STEPS = 20
 
 
 def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor, unit: torch.Tensor,
@@ -132,7 +138,8 @@ def adaptive_sigma_search(oracle: GradientOracle, x: torch.Tensor, target: torch
       breaks at the next), ours after `patience` = 3 failed steps in a row;
     - candidates: the reference uses |sigma +- step|, ours clamps at 1e-6 (a negative sigma is the same noise);
     - iterations: both allow `max_steps` = 20 steps, but ours spends up to 2 evaluations per step (cost
-      (2 * 20 + 1) * N passes at most, the declared cost), the reference 1 or 2;
+      (2 * 20 + 1) * (N + the objective's passes: 0 for noise, 31 for aupc) at most, the declared cost), the
+      reference 1 or 2;
     - both start at mean|x| in normalised units with step 0.1 and shrink 0.9; the reference ran one image at a
       time with its own AUTVC/AUPC code, ours scores with this tool's registered metrics (metrics/).
     """

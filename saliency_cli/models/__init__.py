@@ -18,8 +18,22 @@ pickled code never runs.
 from saliency_cli.models.checkpoints import read_state_dict
 from saliency_cli.models.data_config import _merge_config, _normalise_config
 from saliency_cli.models.in_memory import in_memory_model, module_data_config, module_probability
-from saliency_cli.models.labels import attach_default_labels, check_labels, imagenet_labels, num_classes, read_labels
-from saliency_cli.models.loaded import DEFAULT_MODEL, OPTION_KEYS, TORCHVISION_PREFIX, LoadedModel, resolve_device
+from saliency_cli.models.labels import (
+    attach_default_labels,
+    check_labels,
+    imagenet_labels,
+    labels_before_loading,
+    num_classes,
+    read_labels,
+)
+from saliency_cli.models.loaded import (
+    DEFAULT_MODEL,
+    OPTION_KEYS,
+    TORCHVISION_PREFIX,
+    LoadedModel,
+    find_class,
+    resolve_device,
+)
 from saliency_cli.models.loader import load_model, load_model_from_source
 from saliency_cli.models.outputs import LogitsOnly, logits_of
 from saliency_cli.models.programs import ExportedModule
@@ -31,6 +45,7 @@ __all__ = [
     "DEFAULT_MODEL", "OPTION_KEYS", "TORCHVISION_PREFIX", "TRANSFORMERS_PREFIX", "data_config_from",
     "describe_processor", "module_probability", "ExportedModule", "LoadedModel", "LogitsOnly",
     "_merge_config", "_normalise_config", "_torchvision_data_config", "attach_default_labels", "check_labels",
-    "file_sha256", "imagenet_labels", "in_memory_model", "load_model", "load_model_from_source", "logits_of",
+    "file_sha256", "find_class", "imagenet_labels", "in_memory_model", "labels_before_loading", "load_model",
+    "load_model_from_source", "logits_of",
     "module_data_config", "num_classes", "read_labels", "read_state_dict", "resolve_device", "state_dict_sha256",
 ]

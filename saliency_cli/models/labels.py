@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from saliency_cli.errors import UsageError
-from saliency_cli.models.loaded import LoadedModel
+from saliency_cli.models.loaded import DEFAULT_MODEL, TORCHVISION_PREFIX, LoadedModel
 from saliency_cli.models.outputs import logits_of
 from saliency_cli.models.provenance import _record_file
 
@@ -36,6 +38,34 @@ def read_labels(path: str | Path) -> list[str]:
             raise UsageError(f"--labels {path}: expected a JSON list of class names")
         return [str(n) for n in names]
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def labels_before_loading(spec: Any, checkpoint: str | None, options: Mapping[str, Any] | None,
+                          labels_file: str | None) -> list[str] | None:
+    """The class names a model will have, when they are known without building it or reading its weights: a
+    labels file's, or ImageNet's for the bundled model and a timm registry name whose pretrained config has
+    1000 classes (no checkpoint, no --num-classes). None when only loading can tell."""
+    if labels_file is not None:
+        return read_labels(labels_file)
+    if not isinstance(spec, str) or checkpoint is not None:
+        return None
+    opts = dict(options or {})
+    if spec == DEFAULT_MODEL:
+        return imagenet_labels()
+    if opts.get("num_classes") is not None or "num_classes" in (opts.get("model_kwargs") or {}):
+        return None
+    other_sources = (TORCHVISION_PREFIX, "transformers:", "local-dir:", "hf-hub:", "hf_hub:")
+    if spec.startswith(other_sources) or Path(spec).exists():
+        return None
+    try:
+        from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
+
+        if not is_model(split_model_name_tag(spec.removeprefix("timm/"))[0]):
+            return None
+        cfg = get_pretrained_cfg(spec.removeprefix("timm/"), allow_unregistered=False)
+    except (RuntimeError, ValueError, ImportError):
+        return None
+    return imagenet_labels() if cfg is not None and cfg.num_classes == 1000 else None
 
 
 def num_classes(loaded: LoadedModel) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from saliency_cli.errors import UsageError
+from saliency_cli.errors import UsageError, unknown
 
 DEFAULT_MODEL = "default"
 TORCHVISION_PREFIX = "torchvision:"
@@ -53,11 +53,22 @@ class LoadedModel:
         """The index of a class given by name (exact, case-insensitive, or one of its comma synonyms)."""
         if self.labels is None:
             raise UsageError(f"--target {name!r}: this model has no class names (give --labels FILE)")
-        wanted = name.strip().lower()
-        for i, label in enumerate(self.labels):
-            if label.lower() == wanted or wanted in (s.strip().lower() for s in label.split(",")):
-                return i
-        raise UsageError(f"--target {name!r} is not a class name of this model")
+        return find_class(name, self.labels)
+
+
+def unknown_class(name: str, labels: list[str]) -> UsageError:
+    """`--target: unknown class name 'dgo'; did you mean 'dingo'?` over the names and their comma synonyms."""
+    synonyms = [s.strip() for label in labels for s in label.split(",") if s.strip()]
+    return unknown("--target", "class name", name, synonyms, see="see --labels, or give a class index")
+
+
+def find_class(name: str, labels: list[str]) -> int:
+    """The index of a class given by name (exact, case-insensitive, or one of its comma synonyms)."""
+    wanted = name.strip().lower()
+    for i, label in enumerate(labels):
+        if label.lower() == wanted or wanted in (s.strip().lower() for s in label.split(",")):
+            return i
+    raise unknown_class(name, labels)
 
 
 @dataclass

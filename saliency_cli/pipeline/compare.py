@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saliency_cli.errors import SaliencyError, UsageError
+from saliency_cli.errors import SaliencyError, UsageError, unknown
 from saliency_cli.numerics import mean_ci95, spearman
 from saliency_cli.render import montage, regions
 from saliency_cli.runfolder.comparison import write_comparison
@@ -141,7 +141,7 @@ def check_options(opts: CompareOptions) -> None:
     """Usage errors before any map is read."""
     for name in opts.fail_under:
         if name not in GATE_METRICS:
-            raise UsageError(f"--fail-under {name}: expected one of {', '.join(GATE_METRICS)}")
+            raise unknown(f"--fail-under {name}", "comparison measure", name, GATE_METRICS)
     if not 2 <= opts.pool <= 1024:
         raise UsageError("--pool must be between 2 and 1024 (pixels per side)")
     if not 0 < opts.top <= 1:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saliency_cli.data import baseline, input_bounds
-from saliency_cli.errors import SaliencyError, UsageError, first_line
+from saliency_cli.errors import SaliencyError, UsageError, first_line, unknown
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import Method, MethodContext
 from saliency_cli.metrics import BASELINES, METRICS, SANITY_CHECKS, Batch, Scores, merge_options, scorer_for
@@ -101,7 +101,7 @@ def _check_inputs(opts: EvaluateOptions) -> None:
         if not manifest_parts(Path(run)) or not has_run_record(Path(run)):
             raise UsageError(f"{run} is not an explain run folder (no run.json and manifest.jsonl)")
     if opts.baseline not in BASELINES:
-        raise UsageError(f"--baseline {opts.baseline!r}: expected one of {', '.join(BASELINES)}")
+        raise unknown("--baseline", "value", opts.baseline, BASELINES)
     if opts.boxes is not None and opts.masks is not None:
         raise UsageError("give --boxes or --masks, not both")
 
@@ -126,15 +126,17 @@ def _check_names(opts: EvaluateOptions, metrics: list[str], sanity: list[str], r
         if name in SANITY_CHECKS:
             raise UsageError(f"--metrics {name}: {name} is a sanity check; use --sanity {name}")
         if name not in METRICS:
-            raise UsageError(f"--metrics {name!r} is not a metric (known: {', '.join(METRICS)})")
+            raise unknown("--metrics", "metric", name, METRICS,
+                          see="not a metric of saliency evaluate --list-metrics")
         if METRICS[name].needs_regions and not regions:
             raise UsageError(f"{name} needs object regions: give --boxes FILE or --masks DIR")
     for name in sanity:
         if name not in SANITY_CHECKS:
-            raise UsageError(f"--sanity {name!r}: expected one of {', '.join(SANITY_CHECKS)}")
+            raise unknown("--sanity", "sanity check", name, SANITY_CHECKS)
     for name in [*opts.fail_under, *opts.fail_over]:
         if name not in METRICS and name not in SANITY_CHECKS:
-            raise UsageError(f"gate on {name!r}: not a metric or sanity check")
+            raise unknown("--fail-under/--fail-over", "metric or sanity check to gate on", name,
+                          [*METRICS, *SANITY_CHECKS], see="see saliency evaluate --list-metrics")
     for name in opts.metric_options:
         if name not in METRICS:
             raise UsageError(f"options for {name!r}: not a metric")

@@ -21,11 +21,11 @@ from typing import IO, Any
 import torch
 
 from saliency_cli.data import InputItem, discover, image_seed, input_bounds
-from saliency_cli.errors import OutputError, SaliencyError, StdoutClosed, UsageError, first_line
+from saliency_cli.errors import OutputError, SaliencyError, StdoutClosed, UsageError, first_line, raise_if_signalled
 from saliency_cli.methods import METHODS
 from saliency_cli.methods.base import MethodContext
 from saliency_cli.metrics import score_maps
-from saliency_cli.models import attach_default_labels, num_classes
+from saliency_cli.models import attach_default_labels, find_class, labels_before_loading, num_classes
 from saliency_cli.numerics import seeded_generator
 from saliency_cli.oracle import (
     FastModel,
@@ -38,7 +38,7 @@ from saliency_cli.pipeline.decode import Decoded, decode_item, default_workers, 
 from saliency_cli.pipeline.outputs import OnRecord, Outputs, Panel, strip_name
 from saliency_cli.pipeline.plan import ExplainOptions, Job, assign_identities, make_jobs, parse_target, validate
 from saliency_cli.pipeline.shards import resolve_shard
-from saliency_cli.pipeline.tensors import load_run_model, run_device
+from saliency_cli.pipeline.tensors import InMemory, load_run_model, run_device
 from saliency_cli.reduce import reduce_channels
 from saliency_cli.runfolder.finished import FinishedIndex
 from saliency_cli.runfolder.records import Record
@@ -81,12 +81,37 @@ class ExplainRun:
         except OSError as e:
             raise OutputError(f"output folder {out} is not writable ({e.strerror or e})") from None
 
-    def _set_up(self, items: list[InputItem]) -> None:
+    def _check_out(self) -> None:
+        """The output folder can be made and written, checked without creating anything (that waits until the
+        model is loaded and the target checked: a usage error leaves no folder, no lock)."""
+        out = Path(os.path.abspath(self.opts.out))
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output folder {self.opts.out} is not a folder")
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {self.opts.out} is not writable ({existing} is not writable)")
+
+    def _check_known_target(self) -> None:
+        """`--target NAME` or a class index against the class names known before loading (a labels file, or
+        ImageNet's for the bundled model and timm ImageNet models): no weights are read for a typo."""
+        kind, value = parse_target(self.opts.target)
+        if kind not in ("name", "index") or isinstance(self.opts.model, InMemory):
+            return
+        labels = labels_before_loading(self.opts.model, self.opts.checkpoint, self.opts.model_options,
+                                       self.opts.labels_file)
+        if labels is None:
+            return
+        if kind == "name":
+            find_class(value, labels)
+        elif value >= len(labels):
+            raise UsageError(f"--target {value}: the model has {len(labels)} classes (0 to {len(labels) - 1})")
+
+    def _load(self) -> None:
+        """The device, the model, the oracle and the target, before anything is written."""
         opts = self.opts
         self.device = run_device(opts, self.shard.local_rank)
         if opts.precision == "fp16" and self.device.type == "cpu":
             raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        self._prepare_out()
         self.model = load_run_model(opts, self.device)
         batch = opts.batch_size or default_batch_size(self.device)
         fast, self.fast_info = self._fast_model()
@@ -94,6 +119,10 @@ class ExplainRun:
                                      auto_backoff=opts.batch_size is None, fast=fast, compile=opts.compile,
                                      probability=self.model.probability)
         self._check_target()
+
+    def _set_up(self) -> None:
+        """Inside the locked output folder: the jobs, their identities and the finished work."""
+        opts = self.opts
         bounds = input_bounds(self.model.data_config).to(self.device)
         self.ctx = MethodContext(bounds, seed=opts.seed, scorer=self._scorer)
         self.jobs = make_jobs(opts, METHODS)
@@ -151,11 +180,15 @@ class ExplainRun:
         self.shard = resolve_shard(opts.shard)
         self.everything = everything
         items = [item for item in everything if self.shard.owns(item.key)]
+        self._check_out()
+        self._check_known_target()
+        self._load()
+        raise_if_signalled()  # a Ctrl-C swallowed while a library was imported: stop before anything is made
         with contextlib.ExitStack() as stack:
             self._prepare_out()
             stack.enter_context(RunLock(opts.out / f".saliency.lock{self.shard.suffix}"))
             remove_stray_temporaries(opts.out)
-            self._set_up(items)
+            self._set_up()
             return self._run_locked(items, started)
 
     def _run_locked(self, items: list[InputItem], started: datetime) -> dict[str, Any]:
@@ -224,6 +257,7 @@ class ExplainRun:
             group: list[Decoded] = []
             work = lambda item: decode_item(item, cfg, self._finished_jobs, self.opts.max_pixels)  # noqa: E731
             for d in prefetch(items, work, decoders, window=max(4, workers, 2 * group_size)):
+                raise_if_signalled()
                 self.outputs.check()
                 if self.outputs.echo_broken:
                     return

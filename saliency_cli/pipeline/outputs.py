@@ -19,7 +19,17 @@ from saliency_cli.data import visible_region
 from saliency_cli.errors import OutputError, first_line
 from saliency_cli.pipeline.decode import Decoded
 from saliency_cli.pipeline.plan import Job
-from saliency_cli.render import input_caption, montage_title, overlay, settings_text, strip
+from saliency_cli.render import (
+    TITLE_KEY,
+    input_caption,
+    montage_title,
+    overlay,
+    overlay_title,
+    settings_text,
+    strip,
+    with_title,
+    without_title,
+)
 from saliency_cli.runfolder.records import MANIFEST, Manifest, Record
 from saliency_cli.writers import finite, write_npy, write_png
 
@@ -137,31 +147,32 @@ class Outputs:
         name = job.tag + (f".class{cls}" if topk else "")
         npy, npy_rel = self._paths(d, name + ".npy")
         png, png_rel = self._paths(d, name + ".png")
-        try:
-            if not np.isfinite(m).all():
-                raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
-            npy_sha256 = write_npy(npy, m.astype(np.float32))
-            assert d.image is not None and d.box is not None
-            image = overlay(self._region(d), m, **self.display)
-            write_png(png, image)
-        except Exception as e:  # noqa: BLE001
-            self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
-                                   score=prob, name=name))
-            return None
         params = self.params(job)
         for key in ("sigma", "noise_absolute", "noise_relative"):  # the noise in both units (sigma: absolute)
             if key in stats:
                 params[key] = stats.pop(key)
         if params.get("weight_noise") == "auto" and "weight_noise" in stats:  # calibrated on this image alone
             params.update(weight_noise=stats.pop("weight_noise"), weight_noise_auto=True)
-        rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
-                          outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
-                          seconds=round(seconds, 4), name=name, npy_sha256=npy_sha256)
-        rec.params = params
-        if stats:
-            rec.extra["stats"] = stats
+        try:
+            if not np.isfinite(m).all():
+                raise ValueError("the map is not finite (every noise sample gave NaN/Inf gradients)")
+            npy_sha256 = write_npy(npy, m.astype(np.float32))
+            rec = self.record(d, job, status="ok", target=cls, label=self.label(cls), score=finite(prob),
+                              outputs={"npy": npy_rel, "overlay": png_rel}, map_shape=list(m.shape),
+                              seconds=round(seconds, 4), name=name, npy_sha256=npy_sha256)
+            rec.params = params
+            if stats:
+                rec.extra["stats"] = stats
+            assert d.image is not None and d.box is not None
+            image = overlay(self._region(d), m, **self.display)
+            titled = with_title(image, overlay_title(d.item.key, rec.to_json(), job.tag, topk=topk))
+            write_png(png, titled, {TITLE_KEY: str(titled.height - image.height)})
+        except Exception as e:  # noqa: BLE001
+            self._emit(self.record(d, job, status="error", error=first_line(e), target=cls, label=self.label(cls),
+                                   score=prob, name=name))
+            return None
         self._emit(rec)
-        return image
+        return image  # without its title: a montage panel has its own caption
 
     def _region(self, d: Decoded) -> Image.Image:
         """The part of the image the model saw, reduced to at most `overlay_size` on its long side (a 48 MP photo's
@@ -191,7 +202,7 @@ class Outputs:
             return panel.result()
         try:
             with Image.open(self.out / panel) as im:
-                return im.convert("RGB")
+                return without_title(im).convert("RGB")
         except OSError:
             return None
 

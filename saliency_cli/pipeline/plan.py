@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saliency_cli import __version__
-from saliency_cli.errors import UsageError
+from saliency_cli.errors import UsageError, unknown
 from saliency_cli.methods.settings import CONVERGENCE_SETTINGS, SETTINGS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -95,7 +96,7 @@ def _check_methods(opts: ExplainOptions, methods: Collection[str]) -> None:
         raise UsageError("--method: give at least one method")
     for name in opts.methods:
         if name not in methods:
-            raise UsageError(f"--method {name!r} is not a method (see `saliency methods`)")
+            raise unknown("--method", "method", name, methods, see="see saliency methods")
     if len(set(opts.methods)) != len(opts.methods):
         raise UsageError("--method lists a method twice")
 
@@ -104,7 +105,7 @@ def _check_choices(opts: ExplainOptions) -> None:
     for option, value, allowed in (("--reduce", opts.reduce, REDUCTIONS), ("--precision", opts.precision, PRECISIONS),
                                    ("--score", opts.score, SCORES)):
         if value is not None and value not in allowed:
-            raise UsageError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
+            raise unknown(option, "value", value, allowed)
     if opts.batch_size is not None and opts.batch_size < 1:
         raise UsageError("--batch-size must be at least 1 (or auto)")
     if not 0 <= opts.alpha <= 1:
@@ -115,7 +116,8 @@ def _check_choices(opts: ExplainOptions) -> None:
         import matplotlib
 
         if opts.colormap not in matplotlib.colormaps:
-            raise UsageError(f"--colormap {opts.colormap!r} is not a matplotlib colormap")
+            raise unknown("--colormap", "colormap", opts.colormap, sorted(matplotlib.colormaps),
+                          see="a matplotlib colormap")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device.strip()):
         raise UsageError(f"--device {opts.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if not str(opts.out).strip():
@@ -151,6 +153,16 @@ def _check_smoothers(opts: ExplainOptions, methods: dict[str, Any]) -> None:
             raise UsageError("-n auto needs a fixed --noise with smoothtaylor (not --noise auto)")
 
 
+def _check_inputs(opts: ExplainOptions) -> None:
+    """Every input named (and every path read from stdin for `-`) exists: a usage error before torch loads."""
+    named = [arg for arg in opts.inputs if arg != "-"]
+    if "-" in opts.inputs:
+        named += [line.strip() for line in opts.stdin_lines or [] if line.strip()]
+    for arg in named:
+        if not os.path.lexists(arg):
+            raise UsageError(f"input {arg} does not exist")
+
+
 def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
     """Every check that needs neither torch nor the method objects: method names, choices, numbers, each setting
     against its row of the settings table, the target's syntax. The command line runs it before importing torch."""
@@ -167,6 +179,7 @@ def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
         if key not in SETTINGS:
             raise UsageError(f"unknown setting {key!r} (see `saliency methods`)")
         SETTINGS[key].validate(value)
+    _check_inputs(opts)
 
 
 def _check_combinations(jobs: list[Job]) -> None:
