@@ -74,7 +74,8 @@ def test_explain_help_fits_80_columns_in_panels_with_every_option_in_full():
 
 
 @pytest.mark.parametrize("args", [["--help"], ["evaluate", "--help"], ["compare", "--help"], ["report", "--help"],
-                                  ["info", "--help"], ["methods", "--help"], ["merge", "--help"]])
+                                  ["info", "--help"], ["methods", "--help"], ["merge", "--help"],
+                                  ["check", "--help"]])
 def test_every_help_fits_80_columns(args):
     proc = saliency(*args)
     assert proc.returncode == 0, proc.stderr
