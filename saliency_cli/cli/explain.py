@@ -153,7 +153,9 @@ def _run(opts: Any, quiet: bool, json_out: bool) -> dict[str, int]:
         progress.stop()
     counts: dict[str, int] = info["counts"]
     if not json_out or not quiet:  # images as the progress bar counts them, then maps (records)
-        err.print(f"{len(seen)} images, {sum(counts.values())} maps: {counts.get('ok', 0)} explained, "
+        images, maps = len(seen), sum(counts.values())
+        err.print(f"{images} image{'s' * (images != 1)}, {maps} map{'s' * (maps != 1)}: "
+                  f"{counts.get('ok', 0)} explained, "
                   f"{counts.get('skipped', 0)} skipped, {counts.get('error', 0)} failed -> {opts.out}", markup=False)
     return counts
 
