@@ -110,7 +110,7 @@ def explain(
 ) -> None:
     """Explain every image: .npy maps, overlays and a manifest under --out."""
     from saliency_cli.methods import registered_names
-    from saliency_cli.pipeline.plan import ExplainOptions, check_options
+    from saliency_cli.pipeline.plan import ExplainOptions, check_inputs, check_options
 
     hyper = {name: _setting_value(SETTINGS[name], value) for name, value in settings.items()}
     noise = hyper.pop("noise", None)
@@ -127,6 +127,7 @@ def explain(
         fast=fast, compile=compile_model, workers=workers, tag=tag,
     )
     check_options(opts, registered_names())  # usage errors before torch is imported
+    check_inputs(opts)
     counts = _run(opts, quiet, json_out)
     _write_report(opts.out, quiet, enabled=report)
     if counts.get("error", 0):

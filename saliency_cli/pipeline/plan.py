@@ -153,8 +153,9 @@ def _check_smoothers(opts: ExplainOptions, methods: dict[str, Any]) -> None:
             raise UsageError("-n auto needs a fixed --noise with smoothtaylor (not --noise auto)")
 
 
-def _check_inputs(opts: ExplainOptions) -> None:
-    """Every input named (and every path read from stdin for `-`) exists: a usage error before torch loads."""
+def check_inputs(opts: ExplainOptions) -> None:
+    """Every input named (and every path read from stdin for `-`) exists: a usage error the command line gives
+    before torch loads (the run's discovery says the same later for the library's callers)."""
     named = [arg for arg in opts.inputs if arg != "-"]
     if "-" in opts.inputs:
         named += [line.strip() for line in opts.stdin_lines or [] if line.strip()]
@@ -179,7 +180,6 @@ def check_options(opts: ExplainOptions, method_names: Collection[str]) -> None:
         if key not in SETTINGS:
             raise UsageError(f"unknown setting {key!r} (see `saliency methods`)")
         SETTINGS[key].validate(value)
-    _check_inputs(opts)
 
 
 def _check_combinations(jobs: list[Job]) -> None:
