@@ -390,10 +390,15 @@ class GradientOracle:
             self.passes += stop - start
             start = stop
 
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class probabilities (N, K) of logits (N, K): softmax, or sigmoid for a multi-label model."""
+        logits = logits.float()
+        return logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+
     def _select(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.score == "prob":
-            logits = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+            logits = self.class_probabilities(logits)
         elif self.score == "logprob":
             logits = torch.nn.functional.logsigmoid(logits) if self.sigmoid else logits.log_softmax(-1)
         return logits.gather(1, target.view(-1, 1)).squeeze(1)
@@ -417,8 +422,8 @@ class GradientOracle:
         return self._select(self.logits(x), target)
 
     def probabilities(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Softmax probability of the target class for every input: (N,)."""
-        return self.logits(x).softmax(-1).gather(1, target.view(-1, 1)).squeeze(1)
+        """Probability of the target class for every input (softmax, or sigmoid for a multi-label model): (N,)."""
+        return self.class_probabilities(self.logits(x)).gather(1, target.view(-1, 1)).squeeze(1)
 
     def gradients(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`d score_target / d x` for every input of `x` (N, C, H, W) and its score (N,), both float32.

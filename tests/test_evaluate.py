@@ -462,3 +462,24 @@ def test_cli_writes_reports_and_a_failed_gate_exits_4(real_runs: tuple[Path, Pat
     ok = CliRunner().invoke(app, ["evaluate", str(run), "--metrics", "sparseness", "-o", str(out), "-q",
                                   "--fail-over", "sparseness=0.99", "--device", "cpu"])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("probability", ["softmax", "sigmoid"])
+def test_perturbation_curves_use_the_models_own_probability(probability: str) -> None:
+    """Deletion/insertion curves score a multi-label model (probability `sigmoid`) by the sigmoid of the target's
+    logit, a single-label one by its softmax: checked at every step against the logits of the same inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
+    oracle = GradientOracle(model, batch_size=3, probability=probability)
+    x, ref = torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    target = torch.tensor([1, 3])
+    order = torch.arange(16).view(1, 4, 4).repeat(2, 1, 1)
+    thresholds = torch.tensor([0, 8, 16])
+    out = perturbation_curve(oracle, x, ref, target, order, thresholds)
+    for s, k in enumerate(thresholds.tolist()):
+        mask = (order < k)[:, None]
+        logits = model(torch.where(mask, ref, x)).detach()
+        probs = logits.sigmoid() if probability == "sigmoid" else logits.softmax(1)
+        expected = probs.gather(1, target.view(-1, 1)).squeeze(1)
+        torch.testing.assert_close(out.prob[:, s], expected)
+        torch.testing.assert_close(out.logit[:, s], logits.gather(1, target.view(-1, 1)).squeeze(1))

@@ -146,8 +146,8 @@ def flat_rank(maps: torch.Tensor, descending: bool = True) -> torch.Tensor:
 
 @dataclass
 class CurveOutputs:
-    """Per (row, step), all (R, S): softmax probability and logit of the row's target, and whether the
-    target is still the top-1 class."""
+    """Per (row, step), all (R, S): probability (softmax, or sigmoid for a multi-label model) and logit of the
+    row's target, and whether the target is still the top-1 class."""
 
     prob: torch.Tensor
     logit: torch.Tensor
@@ -179,7 +179,7 @@ def perturbation_curve(oracle: GradientOracle, x: torch.Tensor, ref: torch.Tenso
         out = oracle.logits(inputs)  # (blk, K)
         t = target[row]
         logits[start:start + len(idx)] = out.gather(1, t.view(-1, 1)).squeeze(1)
-        probs[start:start + len(idx)] = out.softmax(1).gather(1, t.view(-1, 1)).squeeze(1)
+        probs[start:start + len(idx)] = oracle.class_probabilities(out).gather(1, t.view(-1, 1)).squeeze(1)
         top1[start:start + len(idx)] = (out.argmax(1) == t).float()
     return CurveOutputs(probs.view(r, s), logits.view(r, s), top1.view(r, s))
 

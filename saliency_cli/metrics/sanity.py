@@ -35,7 +35,7 @@ from saliency_cli.numerics import derive_seed, purpose_seed, seeded_generator, s
 from saliency_cli.oracle import GradientOracle
 
 Recompute = Callable[[], torch.Tensor]  # maps (R, H, W) of the rows under the model as it is now
-Probability = Callable[[], torch.Tensor]  # softmax probability (R,) of the rows' targets under the model as it is now
+Probability = Callable[[], torch.Tensor]  # probability (R,) of the rows' targets under the model as it is now
 
 
 class SanityResult(Protocol):

@@ -294,7 +294,7 @@ class ExplainRun:
         inputs += [inputs[-1]] * max(0, self._images_per_group - len(group))  # a fixed shape, see _run_job
         x = to_device(torch.stack(inputs), self.device)  # pinned memory and an asynchronous copy on CUDA
         logits = self.oracle.logits(x)[:len(group)]
-        probs = logits.sigmoid() if self.model.probability == "sigmoid" else logits.softmax(1)
+        probs = self.oracle.class_probabilities(logits)
         rows = self._targets(group, probs)
         idx = torch.tensor([i for i, _ in rows], device=self.device)
         target = torch.tensor([c for _, c in rows], device=self.device)
