@@ -84,6 +84,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 map`, `3 maps`: a count with its noun, plural (an added `s`) unless the count is one."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def did_you_mean(value: str, names: Iterable[str]) -> str:
     """`; did you mean 'x'?` naming the closest of `names` to `value` (difflib), or "" when none is close."""
     import difflib

@@ -18,7 +18,7 @@ import typer
 from saliency_cli.cli import complete
 from saliency_cli.cli import options as o
 from saliency_cli.cli.console import Progress, err, warn
-from saliency_cli.errors import ExitCode
+from saliency_cli.errors import ExitCode, counted
 from saliency_cli.methods.settings import SETTINGS, Setting
 
 Inputs = Annotated[list[str], typer.Argument(metavar="INPUTS", show_default=False,
@@ -154,8 +154,7 @@ def _run(opts: Any, quiet: bool, json_out: bool) -> dict[str, int]:
         progress.stop()
     counts: dict[str, int] = info["counts"]
     if not json_out or not quiet:  # images as the progress bar counts them, then maps (records)
-        images, maps = len(seen), sum(counts.values())
-        err.print(f"{images} image{'s' * (images != 1)}, {maps} map{'s' * (maps != 1)}: "
+        err.print(f"{counted(len(seen), 'image')}, {counted(sum(counts.values()), 'map')}: "
                   f"{counts.get('ok', 0)} explained, "
                   f"{counts.get('skipped', 0)} skipped, {counts.get('error', 0)} failed -> {opts.out}", markup=False)
     return counts

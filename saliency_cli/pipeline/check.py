@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saliency_cli.errors import ExitCode, SaliencyError, UsageError
+from saliency_cli.errors import ExitCode, SaliencyError, UsageError, counted
 
 Progress = Callable[[int, int], None]
 
@@ -72,15 +72,15 @@ class CheckResult:
         """One line: passed, or failed with what failed."""
         parts = []
         if self.broken:
-            parts.append(f"{len(self.broken)} step{'s' if len(self.broken) != 1 else ''} could not run")
+            parts.append(f"{counted(len(self.broken), 'step')} could not run")
         if self.gates:
-            parts.append(f"{len(self.gates)} gate{'s' if len(self.gates) != 1 else ''} failed")
+            parts.append(f"{counted(len(self.gates), 'gate')} failed")
         if self.inputs_failed:
             parts.append("some inputs failed (see the failed maps)")
         if self.unscored:
-            parts.append(f"{self.unscored} map{'s' if self.unscored != 1 else ''} could not be scored")
+            parts.append(f"{counted(self.unscored, 'map')} could not be scored")
         if not parts:
-            held = f"{len(self.passed)} gate{'s' if len(self.passed) != 1 else ''} held" if self.passed else "no gate"
+            held = f"{counted(len(self.passed), 'gate')} held" if self.passed else "no gate"
             return f"saliency check passed ({held})"
         return f"saliency check failed, exit {self.exit_code}: " + "; ".join(parts)
 

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from saliency_cli.errors import UsageError
+from saliency_cli.errors import UsageError, counted
 from saliency_cli.runfolder.comparison import COMPARISON, read_comparison
 from saliency_cli.runfolder.evaluation import EVALUATION, read_result
 from saliency_cli.runfolder.folder import Row, RunData, assign_labels, file_sha256, read_run
@@ -568,7 +568,7 @@ def gate_banner(evaluations: list[dict[str, Any]], comparisons: list[dict[str, A
     lines += [f"compare: {g}" for cmp in comparisons for g in cmp["gates"]]
     if not lines:
         return None
-    return {"title": f"{len(lines)} gate{'s' if len(lines) != 1 else ''} failed", "ok": False, "lines": lines,
+    return {"title": f"{counted(len(lines), 'gate')} failed", "ok": False, "lines": lines,
             "held": []}
 
 

@@ -3,7 +3,6 @@ they name, and the model they were made with."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -201,7 +200,7 @@ def _image_bytes(row: Row) -> tuple[bytes, str]:
 def file_sha256(path: Path) -> str | None:
     """The sha256 of a file's bytes, None when it cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_digest(path.read_bytes())
     except OSError:
         return None
 
@@ -213,7 +212,7 @@ def load_map(row: Row, shape: tuple[int, int]) -> np.ndarray:
     try:
         data = path.read_bytes()
         m = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
-        row.npy_sha256 = hashlib.sha256(data).hexdigest()
+        row.npy_sha256 = file_digest(data)
     except (OSError, ValueError) as e:
         raise SaliencyError(f"cannot read the map {path} ({e})") from None
     if m.ndim == 3:
