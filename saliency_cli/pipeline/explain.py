@@ -57,6 +57,15 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
+def target_index(kind: str, value: Any, classes: int, find: Callable[[str], int]) -> tuple[str, Any]:
+    """A parsed `--target` checked against a model's `classes`, a class name turned into its index by `find`."""
+    if kind == "index" and value >= classes:
+        raise UsageError(f"--target {value}: the model has {classes} classes (0 to {classes - 1})")
+    if kind == "name":
+        return "index", find(value)
+    return kind, value
+
+
 class ExplainRun:
     """One `explain` run: owns the model, the oracle, the decoding threads and the outputs."""
 
@@ -99,12 +108,8 @@ class ExplainRun:
             return
         labels = labels_before_loading(self.opts.model, self.opts.checkpoint, self.opts.model_options,
                                        self.opts.labels_file)
-        if labels is None:
-            return
-        if kind == "name":
-            find_class(value, labels)
-        elif value >= len(labels):
-            raise UsageError(f"--target {value}: the model has {len(labels)} classes (0 to {len(labels) - 1})")
+        if labels is not None:
+            target_index(kind, value, len(labels), lambda name: find_class(name, labels))
 
     def _load(self) -> None:
         """The device, the model, the oracle and the target, before anything is written."""
@@ -145,11 +150,7 @@ class ExplainRun:
         self.classes = classes = num_classes(self.model)
         attach_default_labels(self.model, classes)
         kind, value = parse_target(self.opts.target)
-        if kind == "index" and value >= classes:
-            raise UsageError(f"--target {value}: the model has {classes} classes (0 to {classes - 1})")
-        if kind == "name":
-            kind, value = "index", self.model.class_index(value)
-        self.target_kind, self.target_value = kind, value
+        self.target_kind, self.target_value = target_index(kind, value, classes, self.model.class_index)
 
     def _scorer(self, metric: str, oracle: GradientOracle, x: torch.Tensor, target: torch.Tensor,
                 maps: torch.Tensor) -> torch.Tensor:
